@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Module whose main() builds one service's models; filled in as services land.
-BUILDERS: list[str] = []
+BUILDERS: list[str] = ["services.mt.build_models"]
 
 
 def main() -> int:
