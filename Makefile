@@ -58,7 +58,7 @@ run-mt: setup ## Start the mt service alone
 run-gateway: system-deps protos ## Start the gateway alone
 	$(PY) -m services.gateway
 
-test: setup ## Run the whole test suite
+test: setup helm-lint ## Run the whole test suite (and the chart checks)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: system-deps protos ## Tests that need no models
