@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -189,6 +190,32 @@ class DeadlineExceeded(ServiceError):
     """The caller's deadline passed before the work could finish."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class DownstreamError(ServiceError):
+    """A downstream service's refusal, returned to our caller as it came: same code, same
+    message and the same google.rpc details (a BadRequest from asr stays a BadRequest)."""
+
+    _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+    def __init__(self, source: str, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details() or "", reason=f"{source.upper()}_ERROR")
+        self.source = source
+        self.code = error.code()
+        trailing: Any = error.trailing_metadata() or ()
+        self._trailing = tuple((k, v) for k, v in trailing if k == self._STATUS_DETAILS_KEY)
+        if not self._trailing:  # a plain status: give it ErrorInfo like any other refusal
+            self._trailing = tuple(super().to_status().trailing_metadata)
+
+    def to_status(self) -> grpc.Status:
+        return _Status(self.code, self.message, self._trailing)
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def internal_status(request_id: str) -> grpc.Status:

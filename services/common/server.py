@@ -45,6 +45,11 @@ class GrpcService(abc.ABC):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Registers the servicers."""
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Interceptors of the service's own, run inside the shared one (e.g. the gateway's
+        authentication)."""
+        return ()
+
     async def start(self) -> None:
         """Loads models and opens connections; runs after the port is bound."""
 
@@ -68,7 +73,7 @@ class Runtime:
         self.settings = settings
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=server_interceptors(settings.access_log),
+            interceptors=[*server_interceptors(settings.access_log), *service.interceptors()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
