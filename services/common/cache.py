@@ -39,6 +39,8 @@ class RedisCache:
         self.name = name
         self._hit = lookups.labels(name, "hit")
         self._miss = lookups.labels(name, "miss")
+        self.hits = 0  # since start, for status reports (the metrics are the durable record)
+        self.misses = 0
 
     def _full(self, key: str) -> str:
         return f"{self.namespace}{key}"
@@ -56,6 +58,8 @@ class RedisCache:
         hits = sum(v is not None for v in values)
         self._hit.inc(hits)
         self._miss.inc(len(values) - hits)
+        self.hits += hits
+        self.misses += len(values) - hits
         return values
 
     async def get(self, key: str) -> bytes | None:

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
@@ -27,7 +28,7 @@ log = logging.getLogger("speechmesh.rpc")
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Probes and grpcurl's reflection calls would drown the access log.
-_QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+INFRASTRUCTURE_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -50,7 +51,7 @@ class _MethodObserver:
         self.labels = (service, name, rpc_type)
         self.in_flight = metrics.in_flight.labels(service, name)
         self.seconds = metrics.handling_seconds.labels(service, name, rpc_type)
-        self.access_log = access_log and not method.startswith(_QUIET_PREFIXES)
+        self.access_log = access_log and not method.startswith(INFRASTRUCTURE_PREFIXES)
 
     def scope(self, context: grpc.aio.ServicerContext) -> _CallScope:
         return _CallScope(self, context)
@@ -140,9 +141,10 @@ class _CallScope:
             context.set_trailing_metadata(trailing)
 
 
-def wrap_handler(
-    handler: grpc.RpcMethodHandler, scope: Callable[[grpc.aio.ServicerContext], _CallScope]
-) -> grpc.RpcMethodHandler:
+Scope = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler:
     """Returns the same handler with `scope(context)` entered for the whole call."""
     serializers: dict[str, Any] = {
         "request_deserializer": handler.request_deserializer,
@@ -173,7 +175,7 @@ def wrap_handler(
     )
 
 
-def _wrap_streaming_response(behavior: Any, scope: Callable[..., _CallScope]) -> Any:
+def _wrap_streaming_response(behavior: Any, scope: Scope) -> Any:
     # A streaming handler is either an async generator or a coroutine that writes through
     # context.write (as grpc's own health servicer does); the wrapper must keep its shape.
     if inspect.isasyncgenfunction(behavior):
