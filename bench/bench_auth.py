@@ -15,10 +15,10 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from bench.stats import LoadResult, closed_loop
 from services.common.testing import RedisServer, free_port, insecure_channel
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "bench-admin-key"

@@ -7,7 +7,6 @@ import hmac
 from dataclasses import dataclass
 
 from prometheus_client import Counter
-from speechmesh.auth.v1 import auth_pb2
 
 from services.auth.limiter import Admission, Limiter, Outcome, next_utc_midnight
 from services.auth.store import KeyRecord, KeyStore, split_api_key
@@ -21,6 +20,7 @@ from services.common.errors import (
     ServiceError,
     Unauthenticated,
 )
+from speechmesh.auth.v1 import auth_pb2
 
 BOOTSTRAP_ADMIN_ID = "bootstrap-admin"
 MAX_COST = 1000

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth.authenticator import Authenticator
 from services.auth.limiter import Limiter
@@ -13,6 +12,7 @@ from services.auth.store import KeyStore
 from services.auth.tokens import TokenIssuer
 from services.common.redis import connect_redis, redis_alive
 from services.common.server import GrpcService
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 
 class AuthService(GrpcService):

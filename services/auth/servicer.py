@@ -6,7 +6,6 @@ import datetime as dt
 
 import grpc
 from google.protobuf import timestamp_pb2
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth.authenticator import Authenticator, Principal, QuotaState
 from services.auth.settings import AuthSettings
@@ -14,6 +13,7 @@ from services.auth.store import KeyRecord
 from services.auth.tiers import LIMITS
 from services.common.credentials import credentials_from_metadata
 from services.common.errors import FieldViolation, InvalidArgument
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 MAX_OWNER = 128
 MAX_DESCRIPTION = 512

@@ -14,12 +14,12 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.common.credentials import credentials_from_metadata
 from services.common.errors import Unauthenticated
 from services.common.interceptors import INFRASTRUCTURE_PREFIXES, wrap_handler
 from services.gateway.downstream import Deadline, Downstream
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 principal_var: contextvars.ContextVar[auth_pb2.Principal | None] = contextvars.ContextVar(
     "principal", default=None

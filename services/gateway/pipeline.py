@@ -17,9 +17,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
-from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
-from speechmesh.gateway.v1 import gateway_pb2
-from speechmesh.mt.v1 import mt_pb2, mt_pb2_grpc
 
 from services.common.cache import RedisCache, cache_key
 from services.common.errors import (
@@ -32,6 +29,9 @@ from services.common.errors import (
 from services.common.languages import normalize_language
 from services.gateway.breakers import FAILURE_CODES
 from services.gateway.downstream import Deadline, Downstream
+from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
+from speechmesh.gateway.v1 import gateway_pb2
+from speechmesh.mt.v1 import mt_pb2, mt_pb2_grpc
 
 log = logging.getLogger("speechmesh.gateway")
 

@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import Sequence
 
 import grpc
-from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.cache import RedisCache
 from services.common.redis import connect_redis
@@ -18,6 +17,7 @@ from services.gateway.pipeline import Pipeline
 from services.gateway.servicer import AdminServicer, SpeechTranslationServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.status import MeshStatus
+from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayService(GrpcService):

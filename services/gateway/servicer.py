@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.credentials import credentials_from_metadata
 from services.common.errors import InvalidArgument
 from services.gateway.downstream import Downstream
 from services.gateway.pipeline import Pipeline, language_field
 from services.gateway.status import MeshStatus
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 async def _config_then_audio(

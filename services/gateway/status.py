@@ -7,13 +7,13 @@ import asyncio
 import grpc
 import pybreaker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.cache import RedisCache
+from services.gateway.downstream import Downstream
 from speechmesh.asr.v1 import asr_pb2
 from speechmesh.auth.v1 import auth_pb2
 from speechmesh.gateway.v1 import gateway_pb2
 from speechmesh.mt.v1 import mt_pb2
-
-from services.common.cache import RedisCache
-from services.gateway.downstream import Downstream
 
 # The readiness name each downstream reports under.
 HEALTH_NAMES = {

@@ -4,12 +4,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth.service import AuthService
 from services.auth.settings import AuthSettings
 from services.common.server import Runtime
 from services.common.testing import insecure_channel, running_service
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 ADMIN_KEY = "test-bootstrap-admin-key"
 ADMIN = (("x-api-key", ADMIN_KEY),)

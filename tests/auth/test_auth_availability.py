@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth.service import AuthService
 from services.common.testing import (
@@ -24,6 +23,7 @@ from services.common.testing import (
     insecure_channel,
     running_service,
 )
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.auth.conftest import ADMIN, ADMIN_KEY, auth_settings
 
 AUTH_SERVICE = "speechmesh.auth.v1.AuthService"

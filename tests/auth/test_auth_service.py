@@ -12,10 +12,10 @@ import jwt
 import pytest
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from speechmesh.auth.v1 import auth_pb2
 
 from services.auth.settings import DEV_HASH_PEPPER, DEV_JWT_SECRET, AuthSettings
 from services.common.testing import error_details
+from speechmesh.auth.v1 import auth_pb2
 from tests.auth.conftest import ADMIN, AuthHarness
 
 METHOD = "/speechmesh.gateway.v1.SpeechTranslationService/TranslateText"

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from speechmesh.auth.v1 import auth_pb2
-from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.auth.service import AuthService
 from services.common.server import Runtime
 from services.common.testing import free_port, insecure_channel, running_service
 from services.gateway.service import GatewayService
 from services.gateway.settings import GatewaySettings
+from speechmesh.auth.v1 import auth_pb2
+from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.auth.conftest import ADMIN, auth_settings
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from speechmesh.auth.v1 import auth_pb2
-from speechmesh.gateway.v1 import gateway_pb2
 
 from services.common.testing import error_details, insecure_channel
+from speechmesh.auth.v1 import auth_pb2
+from speechmesh.gateway.v1 import gateway_pb2
 from tests.auth.conftest import ADMIN
 from tests.gateway.conftest import Edge
 
