@@ -1,0 +1,54 @@
+"""Silero VAD endpointing on real synthetic speech (espeak-ng) with silences between."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from services.asr.audio import to_model_rate
+from services.asr.vad import Endpointer, SileroVad
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroVad:
+    return SileroVad(Path(str(resources.files("silero_vad") / "data" / "silero_vad.onnx")))
+
+
+def speech(tmp_path: Path, text: str) -> np.ndarray:
+    path = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    return to_model_rate(samples, rate)
+
+
+def test_two_utterances_are_found_whatever_the_chunking(vad: SileroVad, tmp_path: Path) -> None:
+    words = speech(tmp_path, "Hello there, this is a test of the voice detector.")
+    silence = np.zeros(16_000, np.float32)
+    audio = np.concatenate([silence, words, silence, silence, words, silence])
+    for chunk in (160, 1234, 16_000):
+        endpointer = Endpointer(vad, silence_s=0.5)
+        found = []
+        for start in range(0, len(audio), chunk):
+            found += endpointer.feed(audio[start : start + chunk])
+        kinds = [b.kind for b in found]
+        assert kinds == ["start", "end", "start", "end"], (chunk, found)
+        first_start = found[0].sample / 16_000
+        assert 0.9 < first_start < 1.3
+        second_start = found[2].sample / 16_000
+        expected = (3 * 16_000 + len(words)) / 16_000
+        assert abs(second_start - expected) < 0.3
+
+
+def test_silence_and_noise_are_not_speech(vad: SileroVad) -> None:
+    rng = np.random.default_rng(0)
+    endpointer = Endpointer(vad, silence_s=0.5)
+    assert endpointer.feed(np.zeros(32_000, np.float32)) == []
+    assert endpointer.feed((0.001 * rng.standard_normal(32_000)).astype(np.float32)) == []
