@@ -194,10 +194,16 @@ def _wrap_streaming_response(behavior: Any, scope: Scope) -> Any:
     return _writer
 
 
-class ServerCallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, access_log: bool = True) -> None:
-        self.access_log = access_log
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler in a scope, once per method (the wrapped handler is
+    cached, so a call costs one dictionary lookup here)."""
+
+    def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def scope_for(self, method: str, handler: grpc.RpcMethodHandler) -> Scope | None:
+        """The scope to run calls of `method` in; None leaves the handler as it is."""
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -210,9 +216,19 @@ class ServerCallInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None
-            observer = _MethodObserver(method, _rpc_type(handler), self.access_log)
-            wrapped = self._wrapped[method] = wrap_handler(handler, observer.scope)
+            scope = self.scope_for(method, handler)
+            wrapped = handler if scope is None else wrap_handler(handler, scope)
+            self._wrapped[method] = wrapped
         return wrapped
+
+
+class ServerCallInterceptor(WrappingInterceptor):
+    def __init__(self, access_log: bool = True) -> None:
+        super().__init__()
+        self.access_log = access_log
+
+    def scope_for(self, method: str, handler: grpc.RpcMethodHandler) -> Scope:
+        return _MethodObserver(method, _rpc_type(handler), self.access_log).scope
 
 
 def server_interceptors(access_log: bool = True) -> list[grpc.aio.ServerInterceptor]:

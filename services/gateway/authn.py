@@ -9,7 +9,6 @@ and QuotaFailure); auth being unreachable is UNAVAILABLE — never a call let th
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +16,7 @@ import grpc
 
 from services.common.credentials import credentials_from_metadata
 from services.common.errors import Unauthenticated
-from services.common.interceptors import INFRASTRUCTURE_PREFIXES, wrap_handler
+from services.common.interceptors import INFRASTRUCTURE_PREFIXES, Scope, WrappingInterceptor
 from services.gateway.downstream import Deadline, Downstream
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -69,25 +68,14 @@ class _AuthScope:
         principal_var.reset(self.token)
 
 
-class AuthenticationInterceptor(grpc.aio.ServerInterceptor):
+class AuthenticationInterceptor(WrappingInterceptor):
     def __init__(self, auth: Downstream, default_deadline_s: float) -> None:
+        super().__init__()
         self.auth = auth
         self.stub = auth_pb2_grpc.AuthServiceStub(auth.channel)
         self.default_deadline_s = default_deadline_s
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None or method.startswith(INFRASTRUCTURE_PREFIXES):
-                return handler  # probes and grpcurl's reflection need no credential
-            wrapped = self._wrapped[method] = wrap_handler(
-                handler, lambda context: _AuthScope(self, method, context)
-            )
-        return wrapped
+    def scope_for(self, method: str, handler: grpc.RpcMethodHandler) -> Scope | None:
+        if method.startswith(INFRASTRUCTURE_PREFIXES):
+            return None  # probes and grpcurl's reflection need no credential
+        return lambda context: _AuthScope(self, method, context)

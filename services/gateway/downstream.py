@@ -214,25 +214,22 @@ class Downstream:
             with self.breaker.breaker.calling():
                 return await method(request, timeout=timeout, metadata=outgoing_metadata(metadata))
         except pybreaker.CircuitBreakerError as error:
-            breaker_rejections.labels(self.name).inc()
-            raise Unavailable(
-                f"{self.name} is unavailable (circuit open)",
-                reason="CIRCUIT_OPEN",
-                retry_after_s=round(self.breaker.retry_after_s(), 3),
-                metadata={"downstream": self.name},
-            ) from error
+            raise self._circuit_open() from error
+
+    def _circuit_open(self) -> Unavailable:
+        breaker_rejections.labels(self.name).inc()
+        return Unavailable(
+            f"{self.name} is unavailable (circuit open)",
+            reason="CIRCUIT_OPEN",
+            retry_after_s=round(self.breaker.retry_after_s(), 3),
+            metadata={"downstream": self.name},
+        )
 
     def open_stream(self, method: Callable[..., Any], deadline: Deadline) -> Any:
         """Starts a streaming call through the breaker's open check (streams are not
         retried: half of one may already have been consumed)."""
         if self.breaker.state == pybreaker.STATE_OPEN and self.breaker.retry_after_s() > 0:
-            breaker_rejections.labels(self.name).inc()
-            raise Unavailable(
-                f"{self.name} is unavailable (circuit open)",
-                reason="CIRCUIT_OPEN",
-                retry_after_s=round(self.breaker.retry_after_s(), 3),
-                metadata={"downstream": self.name},
-            )
+            raise self._circuit_open()
         timeout = deadline.remaining() - self.settings.deadline_margin_s
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left to call {self.name}", reason="DEADLINE_EXCEEDED")
