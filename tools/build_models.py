@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Module whose main() builds one service's models; filled in as services land.
-BUILDERS: list[str] = ["services.mt.build_models"]
+BUILDERS: list[str] = ["services.asr.build_models", "services.mt.build_models"]
 
 
 def main() -> int:
