@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := redis-server espeak-ng sox
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-deps venv protos models run run-auth run-asr run-mt run-gateway \
-        test test-fast lint bench-auth helm-lint clean
+        test test-fast lint bench-auth bench-mt helm-lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ lint: protos ## buf lint, ruff, mypy
 
 bench-auth: system-deps protos ## Authenticate throughput and latency beside a Redis PING floor
 	$(PY) bench/bench_auth.py
+
+bench-mt: system-deps protos models ## MT sentences/s over gRPC vs the native engine and PyTorch
+	$(PY) bench/bench_mt.py
 
 helm-lint: $(VENV_STAMP) ## helm lint + template + strict schema validation of the chart
 	$(PY) tools/helm_check.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,4 +51,33 @@ async def closed_loop(
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return LoadResult(total_calls, time.perf_counter() - started, latencies)
+
+
+def closed_loop_threads(
+    call: Callable[[int], object], concurrency: int, total_calls: int
+) -> LoadResult:
+    """`closed_loop` for a blocking call: `concurrency` threads issue `total_calls` calls."""
+    latencies: list[float] = []
+    indexes = iter(range(total_calls))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                index = next(indexes, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            call(index)
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return LoadResult(total_calls, time.perf_counter() - started, latencies)
