@@ -1,50 +1,27 @@
 """`make run`: the whole mesh in the foreground on embedded defaults.
 
-Starts a local redis-server when REDIS_URL is unset, then each service as a child process
-on its default ports. Ctrl-C (or SIGTERM) stops them all gracefully; if one dies, the rest
-are stopped too.
+Starts a local redis-server when REDIS_URL is unset (data kept in ~/.cache/speechmesh/redis),
+then every service on its default port. Ctrl-C (or SIGTERM) stops them all gracefully; if
+one dies, the rest are stopped too.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from services.common.testing import RedisServer
+from tools.mesh import Mesh
 
-ROOT = Path(__file__).resolve().parent.parent
 DEV_ADMIN_KEY = "dev-admin-key"
-
-# Started in this order; each entry is (name, env prefix).
-SERVICES = [("auth", "SPEECHMESH_AUTH_")]
 
 
 def main() -> int:
-    env = dict(os.environ)
-    redis: RedisServer | None = None
-    redis_url = env.get("REDIS_URL")
-    if not redis_url:
-        redis = RedisServer(
-            port=6379 if _port_free(6379) else None,
-            data_dir=Path.home() / ".cache" / "speechmesh" / "redis",
-        )
-        redis.start()
-        redis_url = redis.url
-        print(f"redis-server on {redis_url} (data in {redis.dir})", flush=True)
-    env.setdefault("SPEECHMESH_ADMIN_KEY", DEV_ADMIN_KEY)
-    children: list[subprocess.Popen[bytes]] = []
-    for name, prefix in SERVICES:
-        env.setdefault(f"{prefix}REDIS_URL", redis_url)
-        children.append(
-            subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, cwd=ROOT)
-        )
-    admin = "from SPEECHMESH_ADMIN_KEY" if "SPEECHMESH_ADMIN_KEY" in os.environ else DEV_ADMIN_KEY
-    print(f"mesh starting: {', '.join(n for n, _ in SERVICES)}; admin key: {admin}", flush=True)
+    admin_key = os.environ.get("SPEECHMESH_ADMIN_KEY", DEV_ADMIN_KEY)
+    mesh = Mesh(
+        redis_url=os.environ.get("REDIS_URL") or None, default_ports=True, admin_key=admin_key
+    )
     stopping = False
 
     def stop(*_: object) -> None:
@@ -54,26 +31,20 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        while not stopping and all(child.poll() is None for child in children):
+        print(f"starting redis ({mesh.redis_url}) and {', '.join(mesh.services)}", flush=True)
+        mesh.start()
+        shown = admin_key if admin_key == DEV_ADMIN_KEY else "(from SPEECHMESH_ADMIN_KEY)"
+        print(
+            f"mesh ready: gateway on localhost:{mesh['gateway'].port}; admin key {shown}",
+            flush=True,
+        )
+        while not stopping and all(
+            p.process and p.process.poll() is None for p in mesh.processes.values()
+        ):
             time.sleep(0.2)
     finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if redis:
-            redis.stop()
-    failed = [c.returncode for c in children if c.returncode not in (0, None, -signal.SIGTERM)]
-    return 1 if failed and not stopping else 0
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
+        mesh.stop()
+    return 0 if stopping else 1
 
 
 if __name__ == "__main__":

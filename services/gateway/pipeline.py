@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 
 from services.common.cache import RedisCache, cache_key
 from services.common.errors import (
@@ -27,6 +26,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.languages import normalize_language
+from services.common.proto_time import duration
 from services.gateway.breakers import FAILURE_CODES
 from services.gateway.downstream import Deadline, Downstream
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
@@ -37,12 +37,6 @@ log = logging.getLogger("speechmesh.gateway")
 
 ENGLISH = "en"
 CAPABILITIES_TTL_S = 60.0
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
 
 
 def language_field(field_name: str, code: str, *, required: bool) -> str:
@@ -242,7 +236,7 @@ class Pipeline:
             stage="asr",
             state=gateway_pb2.STAGE_STATE_OK,
             models=[recognized.model],
-            latency=_duration(time.perf_counter() - started),
+            latency=duration(time.perf_counter() - started),
         )
         translation, mt_stage = await self._translate_utterance(
             request.audio, recognized.transcript, recognized.language, target, deadline
@@ -278,7 +272,7 @@ class Pipeline:
                 state=state,
                 message=message,
                 models=models or [],
-                latency=_duration(time.perf_counter() - started),
+                latency=duration(time.perf_counter() - started),
             )
 
         if not transcript.strip() or language == target:

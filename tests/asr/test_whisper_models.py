@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import struct
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 import ctranslate2
 import numpy as np
 import pytest
-import soundfile
 
 from services.asr.build_models import (
     STAGES,
@@ -27,67 +25,18 @@ from services.asr.build_models import (
     asr_cache_dir,
     build,
     is_complete,
-    package_folder,
     whisper_sources,
 )
 from services.asr.ct2_reader import read_ct2
 from services.asr.whisper_onnx import Transcription, WhisperOnnx
+from tests.asr.conftest import BECKETT, ENGLISH, RATE, TWO_CITIES
 from tests.asr.wer import word_error_rate
 
 # torch and transformers are imported inside the tests that compare against them: they take
 # seconds to import, which every test collection would otherwise pay.
 
 MODELS = ("whisper-tiny.en", "whisper-base")
-RATE = 16_000
 THREADS = 2
-ASSETS = package_folder("moonshine_voice") / "assets"
-BECKETT = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
-TWO_CITIES = (
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
-    "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it "
-    "was the season of Light, it was the season of Darkness, it was the spring of hope, it "
-    "was the winter of despair, we had everything before us, we had nothing before us, we "
-    "were all going direct to Heaven, we were all going direct the other way, in short, the "
-    "period was so far like the present period, that some of its noisiest authorities "
-    "insisted on its being received, for good or for evil, in the superlative degree of "
-    "comparison only."
-)
-ENGLISH = (
-    "Could you please send me the report before noon?",
-    "We are going for a walk in the park this afternoon.",
-    "I would like a cup of coffee with milk and two slices of toast.",
-    "Please turn off the lights when you leave the room.",
-)
-# whisper-base names espeak-ng's Portuguese reliably only for some sentences; this is one.
-PORTUGUESE = "Eu não sei o que fazer, mas acho que você tem razão. Vamos embora daqui."
-
-
-def _resampled(source: Path, target: Path) -> np.ndarray:
-    subprocess.run(["sox", "-q", str(source), "-r", str(RATE), "-c", "1", str(target)], check=True)
-    audio, rate = soundfile.read(target, dtype="float32")
-    assert rate == RATE
-    return np.asarray(audio)
-
-
-@pytest.fixture(scope="session")
-def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
-    """name -> 16 kHz mono float32 speech."""
-    for tool in ("espeak-ng", "sox"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing: run `make system-deps`")
-    folder = tmp_path_factory.mktemp("speech")
-    spoken = {f"en{i}": ("en-us", "150", text) for i, text in enumerate(ENGLISH)}
-    spoken["pt"] = ("pt", "110", PORTUGUESE)
-    out = {}
-    for name, (voice, speed, text) in spoken.items():
-        raw = folder / f"{name}-22k.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-s", speed, "-w", str(raw), text], check=True)
-        out[name] = _resampled(raw, folder / f"{name}.wav")
-    out["beckett"] = _resampled(ASSETS / "beckett.wav", folder / "beckett.wav")
-    out["two_cities"] = _resampled(ASSETS / "two_cities.wav", folder / "two_cities.wav")
-    return out
-
-
 @pytest.fixture(scope="session")
 def model_folders() -> dict[str, Path]:
     """Builds what is missing (a no-op on a built cache)."""

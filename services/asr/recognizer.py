@@ -1,0 +1,214 @@
+"""Recognition: validate the request against the model, batch clips across callers, split
+long audio at its quietest points, cache transcripts.
+
+Long audio (more than one 30 s Whisper window) is cut where the voice activity detector
+hears the least speech, between 15 and 30 s into each piece, and the pieces are decoded as
+one batch — faster than Whisper's sequential seeking, and no word is cut in half unless
+someone speaks for 15 s without a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.asr.models import LoadedModel
+from services.asr.vad import FRAME, RATE, SileroVad, VadState
+from services.asr.whisper_onnx import Segment, Task, Transcription
+from services.common.batching import DynamicBatcher
+from services.common.errors import InvalidArgument, NotFound
+
+WINDOW = 30 * RATE
+MIN_PIECE = 15 * RATE
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class TimedSegment:
+    text: str
+    start: float
+    end: float
+    avg_logprob: float
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Recognition:
+    transcript: str
+    language: str
+    language_probability: float
+    segments: list[TimedSegment]
+    duration_s: float
+    model: str
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: str
+    task: Task
+    samples: np.ndarray
+    language: str | None
+
+
+def interpolate_words(segment: Segment) -> list[Word]:
+    """Word times spread over the segment by character count: the ONNX export has no
+    cross-attention outputs to align words exactly, so these are estimates."""
+    words = re.findall(r"\s*\S+", segment.text)
+    if not words:
+        return []
+    total = sum(len(w.strip()) for w in words)
+    span = segment.end - segment.start
+    found, at = [], segment.start
+    for word in words:
+        end = at + span * len(word.strip()) / total
+        found.append(Word(word, round(at, 3), round(end, 3)))
+        at = end
+    return found
+
+
+def split_points(samples: np.ndarray, vad: SileroVad) -> list[int]:
+    """Where to cut audio longer than one window: the least speech-like frame between
+    15 and 30 s into each piece."""
+    if len(samples) <= WINDOW:
+        return []
+    usable = len(samples) // FRAME * FRAME
+    probs = vad.probabilities(VadState(), samples[:usable].reshape(-1, FRAME))
+    cuts, start = [], 0
+    while len(samples) - start > WINDOW:
+        first, last = (start + MIN_PIECE) // FRAME, min((start + WINDOW) // FRAME, len(probs)) - 1
+        # The latest among the quietest frames keeps pieces long (fewer windows to decode).
+        quiet = probs[first : last + 1]
+        best = first + len(quiet) - 1 - int(np.argmin(quiet[::-1]))
+        start = best * FRAME
+        cuts.append(start)
+    return cuts
+
+
+class Recognizer:
+    def __init__(
+        self,
+        models: dict[str, LoadedModel],
+        default_model: str,
+        vad: SileroVad,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+    ) -> None:
+        if default_model not in models:
+            raise ValueError(f"default model {default_model!r} is not among {sorted(models)}")
+        self.models = models
+        self.default_model = default_model
+        self.vad = vad
+        # Jobs of one model and task share batches; every segment needs timestamps.
+        self.batcher: DynamicBatcher[_Job, Transcription] = DynamicBatcher(
+            "asr",
+            self._run_batch,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_s,
+            max_queue=max_queue,
+            batch_key=lambda job: (job.model, job.task),
+        )
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def model(self, name: str) -> LoadedModel:
+        model = self.models.get(name or self.default_model)
+        if model is None:
+            raise NotFound(
+                f"model {name!r} is not loaded; see ListModels",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": name},
+            )
+        return model
+
+    def check(self, model: LoadedModel, language: str, task: Task) -> None:
+        """Refuses what the model cannot do, naming the field."""
+        if language and language not in model.languages:
+            raise InvalidArgument.field(
+                "language",
+                f"{model.name} does not know {language!r}"
+                + ("" if model.multilingual else " (it is English-only)"),
+                reason="UNSUPPORTED_LANGUAGE",
+            )
+        if task == "translate" and not model.multilingual:
+            raise InvalidArgument.field(
+                "task",
+                f"{model.name} is English-only and cannot translate",
+                reason="UNSUPPORTED_TASK",
+            )
+
+    def _run_batch(self, key: Hashable, jobs: Sequence[_Job]) -> list[Transcription]:
+        model, task = jobs[0].model, jobs[0].task
+        return self.models[model].runner.generate(
+            [j.samples for j in jobs],
+            language=[j.language for j in jobs],
+            task=task,
+            timestamps=True,
+        )
+
+    async def recognize(
+        self,
+        samples: np.ndarray,
+        *,
+        language: str,
+        task: Task,
+        word_timestamps: bool,
+        model_name: str,
+        timeout_s: float | None,
+        offset_s: float = 0.0,
+    ) -> Recognition:
+        model = self.model(model_name)
+        self.check(model, language, task)
+        cuts = await asyncio.to_thread(split_points, samples, self.vad)
+        bounds = list(zip([0, *cuts], [*cuts, len(samples)], strict=True))
+        # The first piece decides the language the others are decoded in.
+        first = await self.batcher.submit(
+            _Job(model.name, task, samples[: bounds[0][1]], language or None), timeout_s
+        )
+        chosen = language or first.language or "en"
+        rest = await asyncio.gather(
+            *(
+                self.batcher.submit(_Job(model.name, task, samples[a:b], chosen), timeout_s)
+                for a, b in bounds[1:]
+            )
+        )
+        segments = []
+        for (start, end), piece in zip(bounds, [first, *rest], strict=True):
+            at = offset_s + start / RATE
+            piece_segments = piece.segments or (
+                [Segment(0.0, (end - start) / RATE, piece.text)] if piece.text.strip() else []
+            )
+            for s in piece_segments:
+                timed = Segment(round(at + s.start, 3), round(at + s.end, 3), s.text)
+                segments.append(
+                    TimedSegment(
+                        text=s.text.strip(),
+                        start=timed.start,
+                        end=timed.end,
+                        avg_logprob=piece.avg_logprob,
+                        words=interpolate_words(timed) if word_timestamps else [],
+                    )
+                )
+        return Recognition(
+            transcript=" ".join(s.text for s in segments if s.text),
+            language=chosen,
+            language_probability=1.0 if language else float(first.language_probability or 0.0),
+            segments=segments,
+            duration_s=len(samples) / RATE,
+            model=model.name,
+        )
+
+    async def stop(self) -> None:
+        await self.batcher.stop()

@@ -1,0 +1,54 @@
+"""Settings of the asr service (env prefix SPEECHMESH_ASR_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class AsrSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SPEECHMESH_ASR_", extra="ignore")
+
+    port: int = 50051
+    metrics_port: int = 9151
+    max_message_bytes: int = 32 * 1024 * 1024
+
+    models: list[str] = Field(
+        default=["whisper-base-int8", "whisper-tiny.en-int8"],
+        description="Models to load from the model cache, as <name>-<fp32|int8>.",
+    )
+    default_model: str = Field(
+        default="whisper-base-int8",
+        description="The model used when a request names none (whisper-tiny.en-int8 for "
+        "English-only deployments).",
+    )
+    extra_models: dict[str, Path] = Field(
+        default_factory=dict,
+        description='More models by name: a Hugging Face Whisper checkpoint or an optimum ONNX '
+        'export folder (JSON, e.g. {"whisper-small": "/models/whisper-small"}).',
+    )
+    threads: int = Field(default=2, ge=1, description="onnxruntime threads per inference.")
+
+    max_batch_size: int = Field(default=8, ge=1)
+    max_wait_ms: float = Field(default=10.0, ge=0)
+    max_queue: int = Field(default=64, ge=1)
+
+    max_audio_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+    max_audio_duration_s: float = Field(default=600.0, gt=0)
+
+    silence_duration_s: float = Field(
+        default=0.5, gt=0, description="Silence that ends a streaming utterance by default."
+    )
+    interim_interval_s: float = Field(
+        default=1.0, gt=0, description="Speech between two interim results of a stream."
+    )
+    max_utterance_s: float = Field(
+        default=30.0, gt=0, le=30, description="A longer utterance is finalized and continued."
+    )
+    cache_ttl_s: int = Field(default=86_400, ge=0, description="Transcript cache TTL; 0 disables.")
+    redis_prefix: str = "sm:asr:"
+    redis_timeout_s: float = Field(default=0.5, gt=0)
