@@ -10,6 +10,9 @@ import pytest
 
 from services.common.testing import RedisServer
 
+# Test speech (espeak-ng sentences and recorded voices) for every test that needs audio.
+from tests.speech import clips  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:

@@ -4,4 +4,4 @@ from services.common.server import run
 
 if __name__ == "__main__":
     settings = AsrSettings()
-    run(AsrService(settings), settings)
+    run(lambda: AsrService(settings), settings)

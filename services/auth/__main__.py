@@ -4,4 +4,4 @@ from services.common.server import run
 
 if __name__ == "__main__":
     settings = AuthSettings()
-    run(AuthService(settings), settings)
+    run(lambda: AuthService(settings), settings)

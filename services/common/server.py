@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -157,8 +157,10 @@ class Runtime:
         log.info("stopped")
 
 
-async def serve(service: GrpcService, settings: ServiceSettings) -> None:
-    """Runs a service until SIGTERM or SIGINT, then shuts it down gracefully."""
+async def serve(make_service: Callable[[], GrpcService], settings: ServiceSettings) -> None:
+    """Runs a service until SIGTERM or SIGINT, then shuts it down gracefully. The service is
+    built here, inside the running loop: grpc.aio channels bind to the loop they are made in."""
+    service = make_service()
     configure_logging(service.name, settings.log_level)
     runtime = Runtime(service, settings)
     stop = asyncio.Event()
@@ -176,6 +178,6 @@ async def serve(service: GrpcService, settings: ServiceSettings) -> None:
     await runtime.stop()
 
 
-def run(service: GrpcService, settings: ServiceSettings) -> None:
+def run(make_service: Callable[[], GrpcService], settings: ServiceSettings) -> None:
     """Entry point for `python -m services.<name>`."""
-    asyncio.run(serve(service, settings))
+    asyncio.run(serve(make_service, settings))

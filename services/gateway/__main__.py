@@ -4,4 +4,4 @@ from services.gateway.settings import GatewaySettings
 
 if __name__ == "__main__":
     settings = GatewaySettings()
-    run(GatewayService(settings), settings)
+    run(lambda: GatewayService(settings), settings)

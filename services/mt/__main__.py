@@ -4,4 +4,4 @@ from services.mt.settings import MtSettings
 
 if __name__ == "__main__":
     settings = MtSettings()
-    run(MtService(settings), settings)
+    run(lambda: MtService(settings), settings)

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.testing import error_details
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
-from tests.asr.conftest import BECKETT, ENGLISH, RATE, TWO_CITIES, wav_bytes
 from tests.asr.wer import word_error_rate
+from tests.speech import BECKETT, ENGLISH, RATE, TWO_CITIES, wav_bytes
 from tools.mesh import Mesh
 
 pytestmark = pytest.mark.models

@@ -29,8 +29,8 @@ from services.asr.build_models import (
 )
 from services.asr.ct2_reader import read_ct2
 from services.asr.whisper_onnx import Transcription, WhisperOnnx
-from tests.asr.conftest import BECKETT, ENGLISH, RATE, TWO_CITIES
 from tests.asr.wer import word_error_rate
+from tests.speech import BECKETT, ENGLISH, RATE, TWO_CITIES
 
 # torch and transformers are imported inside the tests that compare against them: they take
 # seconds to import, which every test collection would otherwise pay.
