@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := redis-server espeak-ng sox
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-deps venv protos models run run-auth run-asr run-mt run-gateway \
-        test test-fast lint bench-auth bench-mt helm-lint clean
+        test test-fast lint bench-auth bench-mt bench-asr bench-gateway helm-lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -74,6 +74,12 @@ bench-auth: system-deps protos ## Authenticate throughput and latency beside a R
 
 bench-mt: system-deps protos models ## MT sentences/s over gRPC vs the native engine and PyTorch
 	$(PY) bench/bench_mt.py
+
+bench-asr: system-deps protos models ## ASR real-time factor vs ctranslate2 and PyTorch; streaming latency; RSS
+	$(PY) bench/bench_asr.py
+
+bench-gateway: system-deps protos models ## The edge's added latency and throughput cost; end-to-end speech latency
+	$(PY) bench/bench_gateway.py
 
 helm-lint: $(VENV_STAMP) ## helm lint + template + strict schema validation of the chart
 	$(PY) tools/helm_check.py
