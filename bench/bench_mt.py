@@ -32,32 +32,15 @@ from bench.stats import LoadResult, closed_loop, closed_loop_threads
 from services.common.testing import RedisServer, free_port, insecure_channel
 from services.mt.build_models import build
 from speechmesh.mt.v1 import mt_pb2, mt_pb2_grpc
+from tests.mt.test_marian_models import ENGLISH
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 16)
 MT_SERVICE = "speechmesh.mt.v1.MtService"
 
+# The 20 held-out test sentences, and 20 more.
 _BASE = [
-    "Could you please send me the report before noon?",
-    "The train to Lisbon leaves at seven o'clock tomorrow morning.",
-    "My sister works as a nurse in a small hospital near the river.",
-    "We need to buy bread, milk and eggs on the way home.",
-    "I have never seen such a beautiful sunset in my life.",
-    "The meeting has been moved to Thursday afternoon.",
-    "He forgot his umbrella at the restaurant last night.",
-    "Can you tell me where the nearest pharmacy is?",
-    "The children are playing football in the park.",
-    "This book was written more than two hundred years ago.",
-    "Please turn off the lights when you leave the room.",
-    "She speaks three languages fluently.",
-    "The price of coffee has gone up again this year.",
-    "We are looking for a new apartment in the city center.",
-    "Thank you very much for your help yesterday.",
-    "The doctor said I should drink more water.",
-    "It is raining, so the concert will take place indoors.",
-    "Our flight was delayed by almost three hours.",
-    "I would like to book a table for four people.",
-    "The museum is closed on Mondays.",
+    *ENGLISH,
     "The new library has thousands of books and a quiet reading room.",
     "My grandparents live in a small village in the mountains.",
     "Do you know what time the supermarket opens on Sundays?",
