@@ -31,7 +31,6 @@ def mesh() -> Iterator[Mesh]:
     env = {
         "SPEECHMESH_GATEWAY_BREAKER_FAIL_MAX": "2",
         "SPEECHMESH_GATEWAY_BREAKER_RESET_S": "1",
-        "SPEECHMESH_GATEWAY_CACHE_TTL_S": "0",
         "SPEECHMESH_GATEWAY_RETRY_MAX_ATTEMPTS": "2",
         "SPEECHMESH_ASR_MODELS": '["whisper-base-int8"]',
         **{f"SPEECHMESH_{s}_ACCESS_LOG": "false" for s in ("AUTH", "ASR", "MT", "GATEWAY")},
@@ -116,6 +115,24 @@ async def test_text_translation_and_languages(
     routes = {(r.source_language, r.target_language, r.speech) for r in languages.routes}
     assert {("en", "pt", True), ("pt", "en", False), ("pt", "en", True)} <= routes
     assert "pt" in languages.transcription_languages
+
+
+async def test_results_come_from_the_cache_the_second_time(
+    mesh: Mesh, channel: grpc.aio.Channel, user: tuple[tuple[str, str], ...]
+) -> None:
+    public = gateway_pb2_grpc.SpeechTranslationServiceStub(channel)
+    hits = 'speechmesh_cache_lookups_total{cache="gateway_text",result="hit"}'
+    request = gateway_pb2.TranslateTextRequest(
+        texts=["The museum is closed on Mondays."], source_language="en", target_language="pt"
+    )
+    first = await public.TranslateText(request, metadata=user)
+    before = metric(mesh, "gateway", hits)
+    assert await public.TranslateText(request, metadata=user) == first
+    assert metric(mesh, "gateway", hits) == before + 1
+    cleared = await gateway_pb2_grpc.AdminServiceStub(channel).ClearCache(
+        gateway_pb2.ClearCacheRequest(translations=True), metadata=ADMIN
+    )
+    assert cleared.deleted_entries >= 1
 
 
 async def _stream_translation(
