@@ -19,6 +19,7 @@ from services.common.interceptors import server_interceptors
 from services.common.logs import configure_logging
 from services.common.metrics import serve_metrics
 from services.common.settings import ServiceSettings
+from services.common.tls import server_credentials
 
 log = logging.getLogger("speechmesh.server")
 
@@ -102,7 +103,15 @@ class Runtime:
             self.server,
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = server_credentials(
+            self.settings.tls_cert_file,
+            self.settings.tls_key_file,
+            self.settings.tls_client_ca_file,
+        )
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         await self.server.start()
         self.metrics_port = serve_metrics(self.settings.metrics_port)
         log.info(

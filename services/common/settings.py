@@ -67,3 +67,8 @@ class ServiceSettings(BaseSettings):
         default=None, gt=0, description="RPCs handled at once; more are refused RESOURCE_EXHAUSTED."
     )
     access_log: bool = Field(default=True, description="Log one line per RPC.")
+    tls_cert_file: Path | None = Field(default=None, description="Server certificate (PEM).")
+    tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="CA whose client certificates are required (mTLS)."
+    )

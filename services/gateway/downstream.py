@@ -27,6 +27,7 @@ from tenacity.stop import stop_base
 from services.common.errors import DeadlineExceeded, DownstreamError, Unavailable
 from services.common.interceptors import REQUEST_ID_HEADER
 from services.common.logs import request_id_var
+from services.common.tls import channel_credentials
 from services.gateway.breakers import SharedBreaker
 from services.gateway.settings import GatewaySettings
 
@@ -129,17 +130,27 @@ class Downstream:
         self.settings = settings
         self.budget = budget
         self.breaker = SharedBreaker(name, settings.breaker_fail_max, settings.breaker_reset_s)
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.keepalive_time_ms", 30_000),
-                # Fail fast while a downstream is away, so breakers and retries decide.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2_000),
-            ],
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            # Fail fast while a downstream is away, so breakers and retries decide.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        credentials = channel_credentials(
+            settings.downstream_tls_ca_file,
+            settings.downstream_tls_cert_file,
+            settings.downstream_tls_key_file,
         )
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            if settings.downstream_tls_server_name:
+                options.append(
+                    ("grpc.ssl_target_name_override", settings.downstream_tls_server_name)
+                )
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
 
     def _retryable(self, idempotent: bool) -> Callable[[BaseException], bool]:
         codes = {grpc.StatusCode.UNAVAILABLE}

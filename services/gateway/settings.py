@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -16,6 +18,17 @@ class GatewaySettings(ServiceSettings):
     auth_target: str = "127.0.0.1:50053"
     asr_target: str = "127.0.0.1:50051"
     mt_target: str = "127.0.0.1:50052"
+
+    downstream_tls_ca_file: Path | None = Field(
+        default=None, description="CA that signed the downstreams' certificates (turns on TLS)."
+    )
+    downstream_tls_cert_file: Path | None = Field(
+        default=None, description="The gateway's client certificate, for downstreams with mTLS."
+    )
+    downstream_tls_key_file: Path | None = None
+    downstream_tls_server_name: str | None = Field(
+        default=None, description="Name to check in the downstreams' certificates."
+    )
 
     default_deadline_s: float = Field(
         default=30.0, gt=0, description="Deadline for calls whose caller set none."
