@@ -22,6 +22,7 @@ import grpc
 from services.common import metrics
 from services.common.errors import ServiceError, internal_status
 from services.common.logs import request_id_var
+from services.common.utf8 import Utf8Guard
 
 log = logging.getLogger("speechmesh.rpc")
 
@@ -232,4 +233,5 @@ class ServerCallInterceptor(WrappingInterceptor):
 
 
 def server_interceptors(access_log: bool = True) -> list[grpc.aio.ServerInterceptor]:
-    return [ServerCallInterceptor(access_log)]
+    # The UTF-8 guard runs inside the call scope, so its refusals are mapped and counted.
+    return [ServerCallInterceptor(access_log), Utf8Guard()]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import grpc
 
 from services.common.redis import connect_redis
 from services.common.server import GrpcService
 from services.mt.cache import TranslationCache
-from services.mt.servicer import MtServicer, Utf8Guard
+from services.mt.servicer import MtServicer
 from services.mt.settings import MtSettings
 from services.mt.translator import Translator
 from speechmesh.mt.v1 import mt_pb2, mt_pb2_grpc
@@ -39,9 +38,6 @@ class MtService(GrpcService):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         mt_pb2_grpc.add_MtServiceServicer_to_server(MtServicer(self.translator), server)
-
-    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
-        return (Utf8Guard(),)
 
     async def start(self) -> None:
         # Off the loop, so health answers NOT_SERVING while models load and warm up.

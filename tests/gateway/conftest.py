@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import pytest
 
 from services.auth.service import AuthService
@@ -44,6 +45,7 @@ class Edge:
     service: GatewayService
     public: gateway_pb2_grpc.SpeechTranslationServiceStub
     admin: gateway_pb2_grpc.AdminServiceStub
+    gateway_channel: grpc.aio.Channel
 
     async def create_key(self, tier: int = auth_pb2.TIER_FREE) -> str:
         created = await self.admin.CreateApiKey(
@@ -70,4 +72,5 @@ async def edge(redis_url: str, redis_prefix: str) -> AsyncIterator[Edge]:
                 service,
                 gateway_pb2_grpc.SpeechTranslationServiceStub(channel),
                 gateway_pb2_grpc.AdminServiceStub(channel),
+                channel,
             )

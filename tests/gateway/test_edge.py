@@ -163,3 +163,13 @@ async def test_bad_requests_are_refused_before_any_downstream(edge: Edge) -> Non
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+
+
+async def test_invalid_utf8_is_refused_naming_the_field(edge: Edge) -> None:
+    # texts[0] = b"\xff\xfe" (not UTF-8), target_language = "pt", as raw wire bytes.
+    raw = b"\x0a\x02\xff\xfe" + b"\x1a\x02pt"
+    call = edge.gateway_channel.unary_unary(
+        "/speechmesh.gateway.v1.SpeechTranslationService/TranslateText"
+    )
+    error = await refused(call(raw, metadata=ADMIN), grpc.StatusCode.INVALID_ARGUMENT)
+    assert error_details(error)["BadRequest"].field_violations[0].field == "texts[0]"

@@ -28,10 +28,10 @@ from services.common.testing import (
     insecure_channel,
     running_service,
 )
+from services.common.utf8 import invalid_utf8_fields
 from services.mt.build_models import build
 from services.mt.marian_onnx import MarianOnnx
 from services.mt.service import MtService
-from services.mt.servicer import invalid_utf8_fields
 from services.mt.settings import MtSettings
 from services.mt.translator import TranslateJob
 from speechmesh.mt.v1 import mt_pb2, mt_pb2_grpc
