@@ -69,6 +69,7 @@ from services.asr.vad import SileroVad
 from services.asr.whisper_onnx import FrontEnd, log_mel_spectrogram, mel_filter_bank
 from services.common.settings import model_cache_dir
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
+from tests.speech import BECKETT, TWO_CITIES
 from tools.mesh import Mesh
 
 RATE = 16_000
@@ -98,17 +99,6 @@ SENTENCES = (
     "This book was written more than two hundred years ago.",
     "Our flight was delayed by almost three hours.",
     "The doctor said I should drink more water.",
-)
-BECKETT = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
-TWO_CITIES = (
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
-    "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity, it "
-    "was the season of Light, it was the season of Darkness, it was the spring of hope, it "
-    "was the winter of despair, we had everything before us, we had nothing before us, we "
-    "were all going direct to Heaven, we were all going direct the other way, in short, the "
-    "period was so far like the present period, that some of its noisiest authorities "
-    "insisted on its being received, for good or for evil, in the superlative degree of "
-    "comparison only."
 )
 
 
