@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := redis-server espeak-ng sox
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-deps venv protos models run run-auth run-asr run-mt run-gateway \
-        test test-fast lint bench-auth bench-mt bench-asr bench-gateway helm-lint clean
+        test test-fast lint bench-auth bench-mt bench-asr bench-gateway chaos fuzz load soak helm-lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -62,7 +62,7 @@ test: setup helm-lint ## Run the whole test suite (and the chart checks)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: system-deps protos ## Tests that need no models
-	$(PY) -m pytest -m "not models" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not models and not chaos" $(PYTEST_ARGS)
 
 lint: protos ## buf lint, ruff, mypy
 	$(VENV)/bin/buf lint
@@ -80,6 +80,18 @@ bench-asr: system-deps protos models ## ASR real-time factor vs ctranslate2 and 
 
 bench-gateway: system-deps protos models ## The edge's added latency and throughput cost; end-to-end speech latency
 	$(PY) bench/bench_gateway.py
+
+chaos: setup ## Every fault-injection test (make test runs the fast subset)
+	$(PY) -m pytest tests/reliability -m chaos $(PYTEST_ARGS)
+
+fuzz: setup ## The fuzz suite with 20,000 cases (2,000 in make test)
+	SPEECHMESH_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/reliability/test_fuzz.py $(PYTEST_ARGS)
+
+load: setup ## Load through the gateway at concurrency 1, 8, 32; report under bench/results/
+	$(PY) bench/load.py --concurrency 1 8 32 --duration 20
+
+soak: setup ## 10 minutes of mixed load: RSS growth per service and error rate
+	$(PY) bench/load.py --soak
 
 helm-lint: $(VENV_STAMP) ## helm lint + template + strict schema validation of the chart
 	$(PY) tools/helm_check.py
