@@ -75,10 +75,18 @@ class ServiceProcess:
                 time.sleep(0.1)
         raise TimeoutError(f"{self.name} did not start within {timeout_s:.0f}s")
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL, timeout_s: float = 30) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(30)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                # Say so loudly, but never leave a child behind: a stuck shutdown is a bug
+                # to chase, not a reason to leak a process.
+                print(f"{self.name} ignored signal {sig} for {timeout_s:.0f}s; killing it",
+                      file=sys.stderr, flush=True)
+                self.process.kill()
+                self.process.wait(10)
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)

@@ -46,6 +46,8 @@ class RedisCache:
         return f"{self.namespace}{key}"
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if self.ttl_s <= 0:  # disabled: nothing was stored, so skip the round trip
+            return [None] * len(keys)
         if not keys:
             return []
         try:
