@@ -64,7 +64,6 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     return out
 
 
-
 def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")

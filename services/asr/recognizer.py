@@ -20,7 +20,7 @@ from services.asr.models import LoadedModel
 from services.asr.vad import FRAME, RATE, SileroVad, VadState
 from services.asr.whisper_onnx import Segment, Task, Transcription
 from services.common.batching import DynamicBatcher
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, shown
 
 WINDOW = 30 * RATE
 MIN_PIECE = 15 * RATE
@@ -127,7 +127,7 @@ class Recognizer:
         model = self.models.get(name or self.default_model)
         if model is None:
             raise NotFound(
-                f"model {name!r} is not loaded; see ListModels",
+                f"model {shown(name)} is not loaded; see ListModels",
                 reason="MODEL_NOT_FOUND",
                 metadata={"model": name},
             )
@@ -138,7 +138,7 @@ class Recognizer:
         if language and language not in model.languages:
             raise InvalidArgument.field(
                 "language",
-                f"{model.name} does not know {language!r}"
+                f"{model.name} does not know {shown(language)}"
                 + ("" if model.multilingual else " (it is English-only)"),
                 reason="UNSUPPORTED_LANGUAGE",
             )

@@ -15,7 +15,7 @@ from services.asr.whisper_onnx import Task
 from services.common.batching import remaining_time
 from services.common.cache import RedisCache, cache_key
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.languages import normalize_language
+from services.common.languages import language_field
 from services.common.proto_time import duration
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
 
@@ -24,15 +24,6 @@ _TASKS: dict[int, Task] = {
     asr_pb2.TASK_TRANSCRIBE: "transcribe",
     asr_pb2.TASK_TRANSLATE: "translate",
 }
-
-
-def language_of(code: str, field: str) -> str:
-    if not code:
-        return ""
-    normalized = normalize_language(code)
-    if normalized is None:
-        raise InvalidArgument.field(field, f"{code!r} is not a BCP-47 language code")
-    return normalized
 
 
 def task_of(task: int, field: str) -> Task:
@@ -80,7 +71,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
     async def Recognize(
         self, request: asr_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.RecognizeResponse:
-        language = language_of(request.language, "language")
+        language = language_field("language", request.language)
         task = task_of(request.task, "task")
         recognizer = self._ready()
         model = recognizer.model(request.model)
@@ -116,11 +107,14 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("streaming_request") != "config":
             raise InvalidArgument.field("config", "the first message must carry the config")
-        language = language_of(first.config.language, "config.language")
+        language = language_field("config.language", first.config.language)
         task = task_of(first.config.task, "config.task")
         config = stream_config(first.config, language, task, self.settings.silence_duration_s)
         recognizer = self._ready()
         recognizer.check(recognizer.model(config.model), language, task)
+        # Tells the caller the config is accepted, so it can send audio without racing a
+        # refusal (the gateway waits for this).
+        await context.send_initial_metadata(())
 
         async def chunks() -> AsyncIterator[bytes]:
             async for request in request_iterator:

@@ -28,7 +28,7 @@ class AsrSettings(ServiceSettings):
     )
     extra_models: dict[str, Path] = Field(
         default_factory=dict,
-        description='More models by name: a Hugging Face Whisper checkpoint or an optimum ONNX '
+        description="More models by name: a Hugging Face Whisper checkpoint or an optimum ONNX "
         'export folder (JSON, e.g. {"whisper-small": "/models/whisper-small"}).',
     )
     threads: int = Field(default=2, ge=1, description="onnxruntime threads per inference.")

@@ -20,7 +20,7 @@ from services.asr.recognizer import Recognition, Recognizer
 from services.asr.vad import RATE, Endpointer
 from services.asr.whisper_onnx import Task
 from services.common.errors import InvalidArgument
-from services.common.proto_time import duration as seconds
+from services.common.proto_time import duration, seconds
 from speechmesh.asr.v1 import asr_pb2
 
 PREROLL_S = 0.2  # speech onsets are soft: keep a little audio before the detector fired
@@ -53,7 +53,7 @@ def stream_config(
     channels = config.channel_count or 1
     check_channels(channels, "config.channel_count")
     silence = (
-        config.silence_duration.ToTimedelta().total_seconds()
+        seconds(config.silence_duration)
         if config.HasField("silence_duration")
         else default_silence_s
     )
@@ -130,14 +130,14 @@ class StreamSession:
                 transcript=recognition.transcript,
                 is_final=final,
                 utterance_index=self.utterance_index,
-                start_offset=seconds(self.utterance_start / RATE),
-                end_offset=seconds(end / RATE),
+                start_offset=duration(self.utterance_start / RATE),
+                end_offset=duration(end / RATE),
                 language=recognition.language,
                 segments=[
                     asr_pb2.Segment(
                         text=s.text,
-                        start_offset=seconds(s.start),
-                        end_offset=seconds(s.end),
+                        start_offset=duration(s.start),
+                        end_offset=duration(s.end),
                         avg_logprob=s.avg_logprob,
                     )
                     for s in recognition.segments

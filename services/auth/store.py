@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, Unavailable, shown
 from services.common.redis import REDIS_DOWN_ERRORS
 
 KEY_PREFIX = "smk"
@@ -138,7 +138,7 @@ class KeyStore:
         record = await self.get(key_id) if _KEY_ID.match(key_id) else None
         if record is None:
             raise NotFound(
-                f"API key {key_id!r} not found",
+                f"API key {shown(key_id)} not found",
                 reason="API_KEY_NOT_FOUND",
                 metadata={"key_id": key_id},
             )

@@ -18,6 +18,23 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "speechmesh"
+# A status travels in HTTP/2 headers, and clients refuse more than 8 KiB of them: refusals
+# repeat a caller's value only in part, so a huge value cannot turn into RESOURCE_EXHAUSTED.
+MAX_ECHO_CHARS = 64
+MAX_MESSAGE_CHARS = 1024
+MAX_VIOLATION_CHARS = 256
+MAX_VIOLATIONS = 10
+
+
+def shown(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """A caller's value for an error message: quoted, and cut short when long."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -40,10 +57,11 @@ class ServiceError(Exception):
     def __init__(
         self, message: str, *, reason: str, metadata: Mapping[str, str] | None = None
     ) -> None:
+        message = _clipped(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.reason = reason
-        self.metadata = dict(metadata or {})
+        self.metadata = {k: _clipped(v, MAX_ECHO_CHARS) for k, v in (metadata or {}).items()}
 
     def extra_details(self) -> list[object]:
         """Details beyond ErrorInfo; subclasses add theirs."""
@@ -82,7 +100,7 @@ class InvalidArgument(ServiceError):
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message, reason=reason, metadata=metadata)
-        self.violations = list(violations)
+        self.violations = list(violations)[:MAX_VIOLATIONS]
 
     @classmethod
     def field(
@@ -95,7 +113,7 @@ class InvalidArgument(ServiceError):
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=v.field, description=_clipped(v.description, MAX_VIOLATION_CHARS)
                     )
                     for v in self.violations
                 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from services.common.errors import InvalidArgument, shown
+
 # ISO 639-3 → 639-1 for the languages Whisper knows; NLLB codes use the 639-3 form.
 _ISO3_TO_ISO1 = {
     "afr": "af",
@@ -138,3 +140,16 @@ def normalize_language(code: str) -> str | None:
         return None
     primary = code.split("-", 1)[0].lower()
     return _ISO3_TO_ISO1.get(primary, primary) if len(primary) == 3 else primary
+
+
+def language_field(field: str, code: str, *, required: bool = False) -> str:
+    """The normalized language of a request field, "" when unset and optional, or
+    INVALID_ARGUMENT naming the field."""
+    if not code:
+        if required:
+            raise InvalidArgument.field(field, "required (a BCP-47 code such as `pt`)")
+        return ""
+    normalized = normalize_language(code)
+    if normalized is None:
+        raise InvalidArgument.field(field, f"{shown(code)} is not a BCP-47 language code")
+    return normalized

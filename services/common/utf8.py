@@ -4,7 +4,8 @@ handler (or the error mapping) runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -20,11 +21,15 @@ class _Unparsable:
     def __init__(self, violations: list[FieldViolation]) -> None:
         self.violations = violations
 
+    def error(self) -> InvalidArgument:
+        fields = ", ".join(v.field for v in self.violations if v.field)
+        return InvalidArgument(f"invalid request: {fields or 'unparsable'}", self.violations)
+
 
 class Utf8Guard(grpc.aio.ServerInterceptor):
-    """Answers INVALID_ARGUMENT, naming the field, for a request whose string fields are
-    not valid UTF-8. Without it protobuf's parse error reaches the client as UNKNOWN
-    before any handler (or the error mapping) runs."""
+    """Answers INVALID_ARGUMENT, naming the field, for a request message (unary, or any
+    message of a request stream) whose string fields are not valid UTF-8 or that does not
+    parse at all."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, Any] = {}
@@ -38,7 +43,7 @@ class Utf8Guard(grpc.aio.ServerInterceptor):
         guarded = self._handlers.get(method)
         if guarded is None:
             handler = await continuation(handler_call_details)
-            if not (handler and handler.unary_unary and handler.request_deserializer):
+            if not (handler and handler.request_deserializer and not handler.unary_stream):
                 return handler  # not cached: unknown method names must not grow the dict
             guarded = self._handlers[method] = _guard(handler)
         return guarded
@@ -46,7 +51,6 @@ class Utf8Guard(grpc.aio.ServerInterceptor):
 
 def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     parse: Any = handler.request_deserializer
-    behaviour: Any = handler.unary_unary
     descriptor: Descriptor | None = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
 
     def deserialize(data: bytes) -> Any:
@@ -59,17 +63,47 @@ def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 or [FieldViolation("", "the request could not be parsed")]
             )
 
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Unparsable):
-            fields = ", ".join(v.field for v in request.violations if v.field)
-            raise InvalidArgument(f"invalid request: {fields or 'unparsable'}", request.violations)
-        return await behaviour(request, context)
+    serializers: dict[str, Any] = {
+        "request_deserializer": deserialize,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        unary_unary: Any = handler.unary_unary
 
-    return grpc.unary_unary_rpc_method_handler(
-        guarded,
-        request_deserializer=deserialize,
-        response_serializer=handler.response_serializer,
-    )
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Unparsable):
+                raise request.error()
+            return await unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, **serializers)
+
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        # The handler reads the stream as usual and meets the error where the bad message is.
+        async for request in requests:
+            if isinstance(request, _Unparsable):
+                raise request.error()
+            yield request
+
+    if handler.stream_unary:
+        stream_unary: Any = handler.stream_unary
+
+        async def guarded_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await stream_unary(checked(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(guarded_unary, **serializers)
+    stream_stream: Any = handler.stream_stream
+    if inspect.isasyncgenfunction(stream_stream):
+
+        async def guarded_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for response in stream_stream(checked(requests), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(guarded_stream, **serializers)
+
+    async def guarded_writer(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await stream_stream(checked(requests), context)
+
+    return grpc.stream_stream_rpc_method_handler(guarded_writer, **serializers)
 
 
 def invalid_utf8_fields(descriptor: Descriptor, data: bytes, prefix: str = "") -> list[str]:

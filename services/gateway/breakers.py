@@ -35,7 +35,19 @@ breaker_state = Gauge(
 )
 
 
+class CutShortByDeadline(Exception):
+    """Raised inside a breaker for a downstream call that the caller's deadline cancelled:
+    a failure, as its DEADLINE_EXCEEDED would have been. (A cancellation that is not at the
+    deadline, a caller giving up early, says nothing about the downstream.)"""
+
+    def __init__(self, cancelled: BaseException) -> None:
+        super().__init__("the caller's deadline passed during the call")
+        self.cancelled = cancelled
+
+
 def _not_a_failure(error: BaseException) -> bool:
+    if isinstance(error, CutShortByDeadline):
+        return False
     return not (isinstance(error, grpc.aio.AioRpcError) and error.code() in FAILURE_CODES)
 
 

@@ -4,6 +4,7 @@ full-jitter exponential backoff; a retry budget; never past the caller's deadlin
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -28,7 +29,7 @@ from services.common.errors import DeadlineExceeded, DownstreamError, Unavailabl
 from services.common.interceptors import REQUEST_ID_HEADER
 from services.common.logs import request_id_var
 from services.common.tls import channel_credentials
-from services.gateway.breakers import SharedBreaker
+from services.gateway.breakers import CutShortByDeadline, SharedBreaker
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("speechmesh.gateway.downstream")
@@ -54,6 +55,10 @@ breaker_rejections = Counter(
     "Calls refused at once because a breaker was open.",
     ["downstream"],
 )
+
+
+# How close to the deadline a cancellation must come to count as the downstream timing out.
+_CANCEL_SLACK_S = 0.05
 
 
 class RetryBudget:
@@ -223,7 +228,19 @@ class Downstream:
             )
         try:
             with self.breaker.breaker.calling():
-                return await method(request, timeout=timeout, metadata=outgoing_metadata(metadata))
+                try:
+                    return await method(
+                        request, timeout=timeout, metadata=outgoing_metadata(metadata)
+                    )
+                except asyncio.CancelledError as cancelled:
+                    # The caller's deadline can cancel us a moment before the downstream's
+                    # own DEADLINE_EXCEEDED arrives. pybreaker would count the cancellation as
+                    # a success, so a frozen downstream would never open its breaker.
+                    if deadline.remaining() <= self.settings.deadline_margin_s + _CANCEL_SLACK_S:
+                        raise CutShortByDeadline(cancelled) from None
+                    raise
+        except CutShortByDeadline as passed:
+            raise passed.cancelled from None
         except pybreaker.CircuitBreakerError as error:
             raise self._circuit_open() from error
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
-from services.common.languages import normalize_language
+from services.common.languages import language_field
 from services.common.proto_time import duration
 from services.gateway.breakers import FAILURE_CODES
 from services.gateway.downstream import Deadline, Downstream
@@ -37,18 +37,6 @@ log = logging.getLogger("speechmesh.gateway")
 
 ENGLISH = "en"
 CAPABILITIES_TTL_S = 60.0
-
-
-def language_field(field_name: str, code: str, *, required: bool) -> str:
-    """The normalized language, or INVALID_ARGUMENT naming the field."""
-    if not code:
-        if required:
-            raise InvalidArgument.field(field_name, "required (a BCP-47 code such as `pt`)")
-        return ""
-    normalized = normalize_language(code)
-    if normalized is None:
-        raise InvalidArgument.field(field_name, f"{code!r} is not a BCP-47 language code")
-    return normalized
 
 
 def degradable(error: ServiceError) -> bool:
@@ -77,6 +65,7 @@ class Pipeline:
         text_cache: RedisCache,
         default_deadline_s: float,
         stream_default_deadline_s: float,
+        max_audio_bytes: int,
     ) -> None:
         self.asr = asr
         self.mt = mt
@@ -86,6 +75,7 @@ class Pipeline:
         self.text_cache = text_cache
         self.default_deadline_s = default_deadline_s
         self.stream_default_deadline_s = stream_default_deadline_s
+        self.max_audio_bytes = max_audio_bytes
         self._capabilities = Capabilities()
 
     def deadline(self, context: Any) -> Deadline:
@@ -93,6 +83,14 @@ class Pipeline:
 
     def stream_deadline(self, context: Any) -> Deadline:
         return Deadline.from_context(context, self.stream_default_deadline_s)
+
+    def _check_audio_size(self, audio: asr_pb2.Audio) -> None:
+        # Refused here, so audio asr would refuse anyway never crosses the mesh.
+        if len(audio.content) > self.max_audio_bytes:
+            raise InvalidArgument.field(
+                "audio.content",
+                f"{len(audio.content)} bytes; at most {self.max_audio_bytes} per request",
+            )
 
     # --- capabilities -------------------------------------------------------------------
 
@@ -195,9 +193,10 @@ class Pipeline:
     async def transcribe(
         self, request: gateway_pb2.TranscribeRequest, deadline: Deadline
     ) -> gateway_pb2.TranscribeResponse:
+        self._check_audio_size(request.audio)
         asr_request = asr_pb2.RecognizeRequest(
             audio=request.audio,
-            language=language_field("language", request.language, required=False),
+            language=language_field("language", request.language),
             task=request.task,
             word_timestamps=request.word_timestamps,
         )
@@ -219,10 +218,11 @@ class Pipeline:
     async def translate_speech(
         self, request: gateway_pb2.TranslateSpeechRequest, deadline: Deadline
     ) -> gateway_pb2.TranslateSpeechResponse:
-        source = language_field("source_language", request.source_language, required=False)
+        source = language_field("source_language", request.source_language)
         target = language_field("target_language", request.target_language, required=True)
         if not request.audio.content:
             raise InvalidArgument.field("audio.content", "required")
+        self._check_audio_size(request.audio)
         key = cache_key("speech", request.SerializeToString(deterministic=True))
         cached = await self.speech_cache.get(key)
         if cached is not None:
@@ -320,30 +320,51 @@ class Pipeline:
         config: asr_pb2.StreamingRecognitionConfig,
         audio_chunks: AsyncIterator[bytes],
         deadline: Deadline,
-    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
-        """Relays a stream to asr and its results back. Leaving early (the caller cancelled,
-        or an error) cancels the downstream stream too."""
+    ) -> AsyncGenerator[asr_pb2.StreamingRecognizeResponse, None]:
+        """Relays a stream to asr and its results back. Whichever side ends first ends the
+        other: a bad message from the caller cancels the asr stream and is refused at once,
+        and asr's refusal stops the relay of the caller's audio."""
         call = self.asr.open_stream(self.asr_stub.StreamingRecognize, deadline)
 
         async def pump() -> None:
-            await call.write(asr_pb2.StreamingRecognizeRequest(config=config))
-            async for chunk in audio_chunks:
-                await call.write(asr_pb2.StreamingRecognizeRequest(audio_content=chunk))
-            await call.done_writing()
+            try:
+                await call.write(asr_pb2.StreamingRecognizeRequest(config=config))
+                # asr answers the config with its initial metadata, or refuses it by ending
+                # the call. Audio written into that refusal would race the status, and gRPC
+                # core would report the lost race as INTERNAL instead of asr's refusal.
+                await call.initial_metadata()
+                async for chunk in audio_chunks:
+                    if call.done():
+                        return
+                    await call.write(asr_pb2.StreamingRecognizeRequest(audio_content=chunk))
+                await call.done_writing()
+            except asyncio.InvalidStateError:
+                return  # asr has ended the call; the reading side reports how
+
+        def on_pump_done(task: asyncio.Task[None]) -> None:
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None and not isinstance(failure, grpc.aio.AioRpcError):
+                call.cancel()  # the caller's stream broke: stop reading asr's results
 
         pumping = asyncio.create_task(pump())
+        pumping.add_done_callback(on_pump_done)
         error: BaseException | None = None
         try:
             async for response in call:
                 yield response
-            if pumping.done() and pumping.exception():
-                raise pumping.exception()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            failure = None if not pumping.done() or pumping.cancelled() else pumping.exception()
+            if failure is None or isinstance(failure, grpc.aio.AioRpcError):
+                raise
+            raise failure from None
         except grpc.aio.AioRpcError as exc:
             error = exc
             raise DownstreamError("asr", exc) from exc
         finally:
             pumping.cancel()
             call.cancel()
+            # Wait for the pump, so it never reads the caller's stream after we answered.
+            await asyncio.wait([pumping])
             self.asr.record_stream_outcome(error)
 
     async def translate_final(

@@ -50,6 +50,7 @@ class GatewayService(GrpcService):
             text_cache,
             default_deadline_s=settings.default_deadline_s,
             stream_default_deadline_s=settings.stream_default_deadline_s,
+            max_audio_bytes=settings.max_audio_bytes,
         )
         self.status = MeshStatus(
             self.downstreams, [speech_cache, text_cache], settings.downstream_health_timeout_s

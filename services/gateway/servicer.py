@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
 
 from services.common.credentials import credentials_from_metadata
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, shown
+from services.common.languages import language_field
 from services.gateway.downstream import Downstream
-from services.gateway.pipeline import Pipeline, language_field
+from services.gateway.pipeline import Pipeline
 from services.gateway.status import MeshStatus
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -64,11 +66,12 @@ class SpeechTranslationServicer(gateway_pb2_grpc.SpeechTranslationServiceService
     ) -> AsyncIterator[gateway_pb2.StreamingTranscribeResponse]:
         config, chunks = await _config_then_audio(request_iterator, "recognition")
         deadline = self.pipeline.stream_deadline(context)
-        async for response in self.pipeline.stream_recognition(config, chunks, deadline):
-            yield gateway_pb2.StreamingTranscribeResponse(
-                result=response.result if response.HasField("result") else None,
-                speech_event=response.speech_event,
-            )
+        async with aclosing(self.pipeline.stream_recognition(config, chunks, deadline)) as relay:
+            async for response in relay:
+                yield gateway_pb2.StreamingTranscribeResponse(
+                    result=response.result if response.HasField("result") else None,
+                    speech_event=response.speech_event,
+                )
 
     async def StreamingTranslateSpeech(
         self,
@@ -78,19 +81,22 @@ class SpeechTranslationServicer(gateway_pb2_grpc.SpeechTranslationServiceService
         config, chunks = await _config_then_audio(request_iterator, "translation")
         target = language_field("config.target_language", config.target_language, required=True)
         deadline = self.pipeline.stream_deadline(context)
-        async for response in self.pipeline.stream_recognition(
-            config.recognition, chunks, deadline
-        ):
-            reply = gateway_pb2.StreamingTranslateSpeechResponse(speech_event=response.speech_event)
-            if response.HasField("result"):
-                reply.result.CopyFrom(response.result)
-                if response.result.is_final:
-                    translation, stage = await self.pipeline.translate_final(
-                        response.result, target, deadline
-                    )
-                    reply.translation = translation
-                    reply.stages.append(stage)
-            yield reply
+        # aclosing: leaving early (a failed translation) ends the asr stream at once.
+        relay = self.pipeline.stream_recognition(config.recognition, chunks, deadline)
+        async with aclosing(relay):
+            async for response in relay:
+                reply = gateway_pb2.StreamingTranslateSpeechResponse(
+                    speech_event=response.speech_event
+                )
+                if response.HasField("result"):
+                    reply.result.CopyFrom(response.result)
+                    if response.result.is_final:
+                        translation, stage = await self.pipeline.translate_final(
+                            response.result, target, deadline
+                        )
+                        reply.translation = translation
+                        reply.stages.append(stage)
+                yield reply
 
 
 class AdminServicer(gateway_pb2_grpc.AdminServiceServicer):
@@ -163,7 +169,9 @@ class AdminServicer(gateway_pb2_grpc.AdminServiceServicer):
         unknown = [n for n in names if n not in self.status.downstreams]
         if unknown:
             raise InvalidArgument.field(
-                "downstreams", f"unknown {unknown}; known: {sorted(self.status.downstreams)}"
+                "downstreams",
+                f"unknown {', '.join(shown(n) for n in unknown[:3])}; "
+                f"known: {sorted(self.status.downstreams)}",
             )
         for name in names:
             self.status.downstreams[name].breaker.reset()

@@ -55,7 +55,9 @@ class GatewaySettings(ServiceSettings):
     redis_prefix: str = "sm:gateway:"
     redis_timeout_s: float = Field(default=0.5, gt=0)
     downstream_health_timeout_s: float = Field(default=1.0, gt=0)
-    max_audio_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_audio_bytes: int = Field(
+        default=10 * 1024 * 1024, gt=0, description="Largest audio of one unary request."
+    )
     stream_default_deadline_s: float = Field(
         default=3600.0, gt=0, description="Deadline for streams whose caller set none."
     )

@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar, cast
 from prometheus_client import Counter
 
 from services.common.batching import DynamicBatcher
-from services.common.errors import FieldViolation, InvalidArgument, NotFound
+from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from services.common.languages import normalize_language
 from services.mt.cache import TranslationCache
 from services.mt.marian_onnx import MarianOnnx
@@ -43,7 +43,6 @@ T = TypeVar("T")
 MAX_TERMS = 256
 MAX_TERM_CHARS = 200
 # Violations listed per refusal; a 64-text batch of bad texts need not list all of them.
-MAX_VIOLATIONS = 10
 # C0 and C1 controls, except tab, line feed and carriage return.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _WARM_UP = "Good morning, how are you?"
@@ -198,6 +197,9 @@ class Translator:
     async def translate(self, job: TranslateJob, timeout_s: float | None) -> list[TextResult]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         source, target, terms, beam = self._validate(job)
+        if not self.ready:
+            # The port opens before the models are loaded: a retry elsewhere or later helps.
+            raise Unavailable("models are loading", reason="MODEL_NOT_READY", retry_after_s=5.0)
         plans = [self._plan(i, text, source, target, terms) for i, text in enumerate(job.texts)]
         sentence_count = sum(len(plan.sentences) for plan in plans)
         if sentence_count > self.settings.max_queue:
@@ -391,7 +393,7 @@ class Translator:
         for index, term in enumerate(job.do_not_translate):
             violations += _check_term(f"do_not_translate[{index}]", term, required=True)
         if violations:
-            raise InvalidArgument("invalid translate request", violations[:MAX_VIOLATIONS])
+            raise InvalidArgument("invalid translate request", violations)
         assert target is not None
         terms = Terms(dict(job.glossary), list(job.do_not_translate))
         return source, target, terms, max(1, job.beam_size)

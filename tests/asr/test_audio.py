@@ -42,8 +42,12 @@ def test_containers_decode_to_16k_mono(fmt: str) -> None:
 
 def test_raw_linear16_with_its_rate_and_channels() -> None:
     pcm = (tone(0.5, 8_000, channels=2) * 32767).astype("<i2").tobytes()
-    audio = asr_pb2.Audio(content=pcm, encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
-                          sample_rate_hertz=8_000, channel_count=2)
+    audio = asr_pb2.Audio(
+        content=pcm,
+        encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
+        sample_rate_hertz=8_000,
+        channel_count=2,
+    )
     samples = decode(audio, LIMITS)
     assert abs(len(samples) - 8_000) < 20
 
@@ -53,16 +57,41 @@ def test_raw_linear16_with_its_rate_and_channels() -> None:
     [
         (asr_pb2.Audio(), "audio.content"),
         (asr_pb2.Audio(content=b"definitely not audio" * 10), "audio.content"),
-        (asr_pb2.Audio(content=b"\x00\x01", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16),
-         "audio.sample_rate_hertz"),
-        (asr_pb2.Audio(content=b"\x00\x01", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
-                       sample_rate_hertz=1), "audio.sample_rate_hertz"),
-        (asr_pb2.Audio(content=b"\x00\x01", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
-                       sample_rate_hertz=10_000_000), "audio.sample_rate_hertz"),
-        (asr_pb2.Audio(content=b"\x00\x01\x02", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
-                       sample_rate_hertz=16_000), "audio.content"),
-        (asr_pb2.Audio(content=b"\x00\x01", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
-                       sample_rate_hertz=16_000, channel_count=99), "audio.channel_count"),
+        (
+            asr_pb2.Audio(content=b"\x00\x01", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16),
+            "audio.sample_rate_hertz",
+        ),
+        (
+            asr_pb2.Audio(
+                content=b"\x00\x01", encoding=asr_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=1
+            ),
+            "audio.sample_rate_hertz",
+        ),
+        (
+            asr_pb2.Audio(
+                content=b"\x00\x01",
+                encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
+                sample_rate_hertz=10_000_000,
+            ),
+            "audio.sample_rate_hertz",
+        ),
+        (
+            asr_pb2.Audio(
+                content=b"\x00\x01\x02",
+                encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
+                sample_rate_hertz=16_000,
+            ),
+            "audio.content",
+        ),
+        (
+            asr_pb2.Audio(
+                content=b"\x00\x01",
+                encoding=asr_pb2.AUDIO_ENCODING_LINEAR16,
+                sample_rate_hertz=16_000,
+                channel_count=99,
+            ),
+            "audio.channel_count",
+        ),
         (asr_pb2.Audio(content=b"\x00" * 3_000_000), "audio.content"),
     ],
 )

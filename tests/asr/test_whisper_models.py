@@ -37,6 +37,8 @@ from tests.speech import BECKETT, ENGLISH, RATE, TWO_CITIES
 
 MODELS = ("whisper-tiny.en", "whisper-base")
 THREADS = 2
+
+
 @pytest.fixture(scope="session")
 def model_folders() -> dict[str, Path]:
     """Builds what is missing (a no-op on a built cache)."""

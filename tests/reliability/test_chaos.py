@@ -48,10 +48,6 @@ SLACK_S = 0.75  # how far past its deadline a call may end before it counts as h
 STEADY_S = 1.5  # recovered: this long with nothing but successes
 RECOVERY_LIMIT_S = 60.0
 CLOSED, OPEN, HALF_OPEN = 0.0, 1.0, 2.0
-# Bugs these tests found, each pinned by an xfail(strict=True) test. While one is open the
-# tests above it tolerate exactly its symptom; once fixed, its test XPASSes (a failure, being
-# strict): delete the mark and the entry.
-OPEN_BUGS = frozenset({"mt-serves-before-ready"})
 SENTENCES = (
     "The train to the airport leaves every twenty minutes.",
     "Please send me the report before noon.",
@@ -224,18 +220,13 @@ class Load:
         )
         return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
 
-    def check(
-        self, allowed: dict[str, set[str]], known_bug: Callable[[Call], bool] | None = None
-    ) -> None:
-        """Every call issued ended, in time, with a status the fault explains (or, while it
-        is open, one that `known_bug` recognizes as a reported bug's)."""
+    def check(self, allowed: dict[str, set[str]]) -> None:
+        """Every call issued ended, in time, with a status the fault explains."""
         assert len(self.calls) == self.issued, "calls were lost"
         for call in self.calls:
             deadline = self.callers[call.kind].deadline_s
             assert call.code != "HUNG", f"a {call.kind} call hung past its deadline"
             assert call.seconds <= deadline + SLACK_S, f"{call.kind} took {call.seconds:.2f}s"
-            if known_bug is not None and known_bug(call):
-                continue
             assert call.code in allowed[call.kind] | {"OK"}, (call, self.summary())
             assert call.explained, f"{call.kind} {call.code} without ErrorInfo"
 
@@ -415,18 +406,13 @@ async def test_kill_mt_under_load(
     finally:
         await load.stop()
         await breakers.stop()
-    load.check(
-        {"text": {"UNAVAILABLE"}, "speech": set()},
-        known_bug=lambda c: (
-            "mt-serves-before-ready" in OPEN_BUGS
-            and c.code == "INTERNAL"
-            and fault.restored <= c.started <= fault.ready
-        ),
-    )
+    load.check({"text": {"UNAVAILABLE"}, "speech": set()})
     during = load.of(since=fault.injected, until=fault.ready)
     assert any(c.degraded for c in during if c.kind == "speech"), load.summary()
     assert all(
-        c.reason in {"MT_ERROR", "CIRCUIT_OPEN", "INTERNAL"} for c in during if c.code != "OK"
+        c.reason in {"MT_ERROR", "CIRCUIT_OPEN", "MODEL_NOT_READY"}
+        for c in during
+        if c.code != "OK"
     )
     opened = breakers.opened("mt", fault.injected)
     assert opened is not None and opened < fault.ready, "the mt breaker never opened"
@@ -441,7 +427,7 @@ async def test_mt_frozen_past_the_callers_deadline(
     """mt stops answering (SIGSTOP), so each call runs into its deadline: text ends at its
     deadline (DEADLINE_EXCEEDED, never later, nothing hangs), speech ends at its deadline or
     with its transcript; nothing gets an answer it should not. SIGCONT: everything recovers.
-    (The breaker should open and make text fail fast: see the xfail test below.)"""
+    (That the breaker opens and makes text fail fast: the test below.)"""
     metadata = await user(channel)
     load = Load(
         {
@@ -478,15 +464,6 @@ async def test_mt_frozen_past_the_callers_deadline(
 
 
 @pytest.mark.chaos
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG breaker-blind-to-caller-deadlines: calls to a frozen downstream end when the "
-    "caller's deadline cancels them; the cancellation (asyncio.CancelledError inside "
-    "breaker.calling() in services/gateway/downstream.py _attempt) is excluded by "
-    "services/gateway/breakers.py _not_a_failure, and pybreaker handles an excluded error as "
-    "a success, resetting the failure count: the breaker never opens, every call waits out "
-    "its whole deadline",
-)
 @pytest.mark.timeout(120)
 async def test_a_frozen_downstream_opens_its_breaker(mesh: Mesh, channel: grpc.aio.Channel) -> None:
     metadata = await user(channel)
@@ -560,13 +537,6 @@ async def test_flooding_one_key_leaves_the_others_alone(
     assert details["QuotaFailure"].violations
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG mt-serves-before-ready: a (re)starting mt binds its port before its models are "
-    "loaded and answers Translate with INTERNAL (KeyError 'bergamot-en-pt' in "
-    "services/mt/translator.py _run_leg) instead of UNAVAILABLE with RetryInfo as asr does "
-    "(MODEL_NOT_READY); the gateway passes the INTERNAL on and its mt breaker re-opens",
-)
 @pytest.mark.timeout(120)
 async def test_a_starting_mt_refuses_calls_as_unavailable(
     mesh: Mesh, channel: grpc.aio.Channel
@@ -575,7 +545,10 @@ async def test_a_starting_mt_refuses_calls_as_unavailable(
     mesh["mt"].start()
     codes: Counter[str] = Counter()
     try:
-        async with grpc.aio.insecure_channel(mesh["mt"].target) as direct:
+        # Reconnect at once, and let each call wait for the port: the calls must reach mt in
+        # the window between its port opening and its models being loaded.
+        options = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
+        async with grpc.aio.insecure_channel(mesh["mt"].target, options=options) as direct:
             stub = mt_pb2_grpc.MtServiceStub(direct)
             limit = time.monotonic() + 90
             while codes["OK"] < 3 and time.monotonic() < limit:
@@ -585,6 +558,7 @@ async def test_a_starting_mt_refuses_calls_as_unavailable(
                             texts=["Good morning."], source_language="en", target_language="pt"
                         ),
                         timeout=5,
+                        wait_for_ready=True,
                     )
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as error:
