@@ -16,10 +16,11 @@ authenticated with an ADMIN-tier key (no rate limit). Printed and written to
 calls/s, p50/p95/p99, the error rate by status code, and each service's peak RSS.
 
 Soak (`--soak`, 10 minutes unless `--duration`): one mixed closed loop (text 60%, speech
-30%, stream 10%) at `--concurrency` (8); RSS of every service sampled throughout. Growth is
-measured from the end of a warm-up (the first 10% of the run, at least 30 s) to the end:
-goal < 5% per service; error rate goal < 0.1%. Written to `bench/results/soak-<timestamp>.md`
-(+ `.png`, RSS over time).
+30%, stream 10%) at `--concurrency` (8); RSS of every service sampled every 0.2 s. Growth
+is the peak RSS over the last minute against the peak over the first minute after a warm-up
+(the first 10% of the run, at least 30 s): goal < 5% per service; error rate goal < 0.1%.
+Written to `bench/results/soak-<timestamp>.md` (+ `.png`, RSS over time, and `.csv`, the
+samples).
 
 Bounded: every call has a deadline (`--deadline`), each run a duration and a call cap, and
 the mesh is stopped at the end. Everything talks to 127.0.0.1 only.
@@ -421,16 +422,17 @@ def plot_soak(run: Run, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9, 4))
+    figure, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     times = [t / 60 for t, _ in run.rss_series]
-    for name in SERVICES:
-        axis.plot(times, [s[name] / 2**20 for _, s in run.rss_series], label=name)
-    axis.set_xlabel("minutes")
-    axis.set_ylabel("RSS (MiB)")
-    axis.set_yscale("log")
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    axis.set_title(f"soak: mixed load at concurrency {run.concurrency}, RSS per service")
+    for axis, name in zip(axes.flat, SERVICES, strict=True):
+        axis.plot(times, [s[name] / 2**20 for _, s in run.rss_series], linewidth=0.8)
+        axis.set_title(name, fontsize=10)
+        axis.set_ylabel("RSS (MiB)")
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+    for axis in axes[1]:
+        axis.set_xlabel("minutes")
+    figure.suptitle(f"soak: mixed load at concurrency {run.concurrency}, RSS per service")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -464,17 +466,29 @@ def load_markdown(runs: list[Run], args: argparse.Namespace, png: Path, started:
     return "\n".join(lines)
 
 
-def soak_growth(run: Run, warmup_s: float) -> dict[str, tuple[int, int, float]]:
-    """Per service: RSS at the end of the warm-up, at the end, and the growth between."""
-    after = [s for t, s in run.rss_series if t >= warmup_s]
-    first, last = after[0], after[-1]
-    return {name: (first[name], last[name], last[name] / first[name] - 1) for name in SERVICES}
+def soak_growth(run: Run, warmup_s: float, window_s: float) -> dict[str, tuple[int, int, float]]:
+    """Per service: the peak RSS over the first `window_s` after the warm-up, the peak over
+    the last `window_s`, and the growth between. Peaks, not single samples: asr's RSS swings
+    by a few hundred MiB with each batch, so one sample at each end would measure the batch."""
+    end = run.rss_series[-1][0]
+    first = [s for t, s in run.rss_series if warmup_s <= t <= warmup_s + window_s]
+    last = [s for t, s in run.rss_series if t >= end - window_s]
+    growth = {}
+    for name in SERVICES:
+        before, after = max(s[name] for s in first), max(s[name] for s in last)
+        growth[name] = (before, after, after / before - 1)
+    return growth
 
 
 def soak_markdown(
-    run: Run, growth: dict[str, tuple[int, int, float]], args: argparse.Namespace, png: Path
+    run: Run,
+    growth: dict[str, tuple[int, int, float]],
+    windows: tuple[float, float],
+    args: argparse.Namespace,
+    png: Path,
 ) -> str:
     verdict = "met" if run.error_rate < ERROR_GOAL else "NOT met"
+    warmup_s, window_s = windows
     mix = ", ".join(f"{rpc} {share:.0%}" for rpc, share in SOAK_MIX.items())
     lines = [
         f"# Soak — {dt.datetime.now().isoformat(timespec='seconds')}",
@@ -489,7 +503,10 @@ def soak_markdown(
         f"{run.p(95):.0f} ms, p99 {run.p(99):.0f} ms; error rate {run.error_rate:.3%} "
         f"({_errors(run)}) — goal < {ERROR_GOAL:.1%}: {verdict}.",
         "",
-        "| service | RSS after warm-up MiB | RSS at the end MiB | growth | goal < 5% |",
+        f"RSS: the peak over the first {window_s:.0f} s after a {warmup_s:.0f} s warm-up, "
+        f"against the peak over the last {window_s:.0f} s.",
+        "",
+        "| service | peak RSS after warm-up MiB | peak RSS at the end MiB | growth | goal < 5% |",
         "|---|---:|---:|---:|---|",
     ]
     for name, (first, last, change) in growth.items():
@@ -548,11 +565,21 @@ def main(argv: list[str] | None = None) -> int:
                     runs = asyncio.run(measure_load(mesh, pcm, args, sampler))
     if args.soak:
         warmup_s = max(30.0, 0.1 * args.duration)
-        growth = soak_growth(run, warmup_s)
+        window_s = min(60.0, 0.1 * args.duration)
+        growth = soak_growth(run, warmup_s, window_s)
         png = args.out / f"soak-{stamp}.png"
         markdown = args.out / f"soak-{stamp}.md"
         plot_soak(run, png)
-        markdown.write_text(soak_markdown(run, growth, args, png))
+        (args.out / f"soak-{stamp}.csv").write_text(
+            "seconds,"
+            + ",".join(f"{s}_rss_bytes" for s in SERVICES)
+            + "\n"
+            + "".join(
+                f"{t:.2f}," + ",".join(str(sample[s]) for s in SERVICES) + "\n"
+                for t, sample in run.rss_series
+            )
+        )
+        markdown.write_text(soak_markdown(run, growth, (warmup_s, window_s), args, png))
         print(row(run))
         for name, (first, last, change) in growth.items():
             print(f"  {name:8} RSS {first / 2**20:8.1f} -> {last / 2**20:8.1f} MiB ({change:+.2%})")
