@@ -2,13 +2,16 @@
 
 The voice activity detector finds where each utterance starts and ends. While someone
 speaks, an interim result of the utterance so far is sent every `interim_interval_s` of
-speech (when asked for); when they fall silent for the configured time, the utterance is
-recognized once more and sent as final. An utterance longer than `max_utterance_s` is
+speech (when asked for, computed while audio keeps coming in); when they fall silent for
+the configured time, the utterance is recognized once more and sent as final. That final
+recognition starts at the first short pause, speculatively, so most of it is done by the
+time the silence is confirmed. An utterance longer than `max_utterance_s` is
 finalized and continues as the next one, so memory per stream stays bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -100,6 +103,9 @@ class StreamSession:
         self.recent = np.zeros(0, np.float32)  # audio since utterance start (or the pre-roll)
         self.recent_start = 0
         self.last_interim = 0
+        # (end sample, task): a final computed early, at a pause, and an interim in progress
+        self.speculation: tuple[int, asyncio.Task[Recognition]] | None = None
+        self.interim: tuple[int, asyncio.Task[Recognition]] | None = None
 
     def _to_model_rate(self, chunk: bytes, final: bool) -> np.ndarray:
         samples = pcm16_to_float(chunk, self.config.channels, "audio_content")
@@ -108,18 +114,25 @@ class StreamSession:
             return np.ascontiguousarray(mono, np.float32)
         return self.resampler.resample_chunk(np.ascontiguousarray(mono, np.float32), last=final)
 
-    async def _recognize(self, end: int) -> Recognition:
+    def _recognize(self, end: int) -> asyncio.Task[Recognition]:
+        """Starts recognizing the current utterance up to `end`. The audio is taken now,
+        so the buffers may move on while the task waits for the model."""
         assert self.utterance_start is not None
         samples = self.recent[self.utterance_start - self.recent_start : end - self.recent_start]
-        return await self.recognizer.recognize(
-            samples,
-            language=self.config.language,
-            task=self.config.task,
-            word_timestamps=False,
-            model_name=self.config.model,
-            timeout_s=self.timeout_s,
-            offset_s=self.utterance_start / RATE,
+        task = asyncio.create_task(
+            self.recognizer.recognize(
+                samples,
+                language=self.config.language,
+                task=self.config.task,
+                word_timestamps=False,
+                model_name=self.config.model,
+                timeout_s=self.timeout_s,
+                offset_s=self.utterance_start / RATE,
+            )
         )
+        # A speculation may be dropped after it failed; its error is not news then.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     def _result(
         self, recognition: Recognition, end: int, final: bool
@@ -152,15 +165,60 @@ class StreamSession:
         self.recent = self.recent[drop:]
         self.recent_start += drop
 
+    def _speculate(self, end: int) -> None:
+        """A pause: recognize the utterance as if it ended here, so the final result is
+        (nearly) ready when the silence is confirmed."""
+        self._drop_speculation()
+        self.speculation = (end, self._recognize(end))
+
+    def _drop_speculation(self) -> None:
+        if self.speculation is not None:
+            self.speculation[1].cancel()
+            self.speculation = None
+
     async def _finish(self, end: int) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
-        recognition = await self._recognize(end)
+        speculation, self.speculation = self.speculation, None
+        if speculation is not None and speculation[0] == end:
+            task = speculation[1]
+        else:
+            if speculation is not None:
+                speculation[1].cancel()
+            task = self._recognize(end)
+        if self.interim is not None:
+            # Sent before the final: it was queued first, so waiting for it costs next to
+            # nothing, and a caller sending faster than real time still sees interims.
+            interim_end, interim = self.interim
+            self.interim = None
+            recognition = await interim
+            if recognition.transcript:
+                yield self._result(recognition, interim_end, final=False)
+        recognition = await task
         if recognition.transcript:
             yield self._result(recognition, end, final=True)
             self.utterance_index += 1
         self.utterance_start = None
         self._forget_before(end)
 
+    def _finished_interim(self) -> asr_pb2.StreamingRecognizeResponse | None:
+        if self.interim is None or not self.interim[1].done():
+            return None
+        end, task = self.interim
+        self.interim = None
+        recognition = task.result()  # its error, if any, ends the stream like a final's
+        return self._result(recognition, end, final=False) if recognition.transcript else None
+
     async def run(
+        self, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+        try:
+            async for response in self._run(chunks):
+                yield response
+        finally:
+            self._drop_speculation()
+            if self.interim is not None:
+                self.interim[1].cancel()
+
+    async def _run(
         self, chunks: AsyncIterator[bytes]
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         preroll = int(PREROLL_S * RATE)
@@ -172,6 +230,8 @@ class StreamSession:
                 if boundary.kind == "start" and self.utterance_start is None:
                     self.utterance_start = max(self.recent_start, boundary.sample - preroll)
                     self.last_interim = self.utterance_start
+                elif boundary.kind == "pause" and self.utterance_start is not None:
+                    self._speculate(boundary.sample)
                 elif boundary.kind == "end" and self.utterance_start is not None:
                     async for response in self._finish(boundary.sample):
                         yield response
@@ -180,22 +240,27 @@ class StreamSession:
                                 speech_event=asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
                             )
                             return
+            interim = self._finished_interim()
+            if interim is not None:
+                yield interim
             if self.utterance_start is None:
                 self._forget_before(self.heard - preroll)
                 continue
             if self.heard - self.utterance_start >= self.max_samples:
+                self._drop_speculation()
                 async for response in self._finish(self.heard):
                     yield response
                 self.utterance_start = self.heard
                 self.last_interim = self.heard
             elif (
                 self.config.interim_results
+                and self.interim is None  # one at a time: interims never queue up
                 and self.heard - self.last_interim >= self.interim_samples
             ):
+                # Not awaited: reading audio (and finding the end of speech) goes on while
+                # the interim is computed; it is sent with the next chunk after it is ready.
                 self.last_interim = self.heard
-                interim = await self._recognize(self.heard)
-                if interim.transcript:
-                    yield self._result(interim, self.heard, final=False)
+                self.interim = (self.heard, self._recognize(self.heard))
         # Half-close: whatever is still being said is final now.
         if self.resampler is not None:
             tail = self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)

@@ -3,7 +3,9 @@
 The model takes 512-sample frames at 16 kHz (32 ms) preceded by the previous frame's last
 64 samples, and carries a recurrent state between frames. `Endpointer` turns its speech
 probabilities into utterances: speech starts when the probability crosses `threshold`, and
-ends after `silence_s` below `threshold - 0.15` (Silero's own hysteresis).
+ends after `silence_s` below `threshold - 0.15` (Silero's own hysteresis). A "pause" comes
+first, a short way into that silence, so the final result can be computed while the
+silence is still being confirmed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ FRAME = 512
 CONTEXT = 64
 RATE = 16_000
 FRAME_S = FRAME / RATE
+# Quiet this long is a pause worth a speculative final: short enough to save most of the
+# silence wait, long enough that the gaps between words rarely trigger one.
+PAUSE_S = 0.2
 
 
 class SileroVad:
@@ -52,7 +57,7 @@ class VadState:
 
 @dataclass
 class Boundary:
-    kind: str  # "start" or "end"
+    kind: str  # "start", "pause" (speech may have ended here) or "end" (it has)
     sample: int  # position in the stream, in 16 kHz samples
 
 
@@ -63,6 +68,8 @@ class Endpointer:
         self.vad = vad
         self.state = VadState()
         self.silence_frames = max(1, round(silence_s / FRAME_S))
+        pause_frames = max(1, round(PAUSE_S / FRAME_S))
+        self.pause_frames = pause_frames if pause_frames < self.silence_frames else None
         self.on = threshold
         self.off = threshold - 0.15
         self.in_speech = False
@@ -85,9 +92,12 @@ class Endpointer:
                 boundaries.append(Boundary("start", self._position))
             elif self.in_speech:
                 self._quiet = self._quiet + 1 if prob < self.off else 0
+                # Where the silence began: the same sample for its pause and its end.
+                silence_start = self._position + FRAME - self._quiet * FRAME
                 if self._quiet >= self.silence_frames:
                     self.in_speech = False
-                    end = self._position + FRAME - self._quiet * FRAME
-                    boundaries.append(Boundary("end", end))
+                    boundaries.append(Boundary("end", silence_start))
+                elif self._quiet == self.pause_frames:
+                    boundaries.append(Boundary("pause", silence_start))
             self._position += FRAME
         return boundaries
