@@ -83,8 +83,11 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 # Say so loudly, but never leave a child behind: a stuck shutdown is a bug
                 # to chase, not a reason to leak a process.
-                print(f"{self.name} ignored signal {sig} for {timeout_s:.0f}s; killing it",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{self.name} ignored signal {sig} for {timeout_s:.0f}s; killing it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.process.kill()
                 self.process.wait(10)
 
