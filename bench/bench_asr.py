@@ -81,6 +81,7 @@ STREAM_MODEL = "whisper-base-int8"
 STREAMS = 8
 LONG_S = 30.0  # clips longer than this are timed once in part 1
 SILENCE_S = 0.5  # silence that ends an utterance: the service's default, set explicitly
+SHORT_WINDOW_MARGIN_S = 1.0  # part 3 also runs with SPEECHMESH_ASR_STREAM_WINDOW_MARGIN_S
 LEAD_IN_S = 0.3  # silence before each real-time utterance
 MAX_TRAILING_S = 6.0
 
@@ -765,6 +766,15 @@ def main() -> int:
                         measure_latency(mesh["asr"].target, latency_clips, interim)
                     )
             load_latency = _load()
+        short_env = {
+            **mesh_env([STREAM_MODEL]),
+            "SPEECHMESH_ASR_STREAM_WINDOW_MARGIN_S": str(SHORT_WINDOW_MARGIN_S),
+        }
+        with Mesh(services=("asr",), env=short_env, log_dir=folder) as mesh:
+            short_latency = {
+                interim: asyncio.run(measure_latency(mesh["asr"].target, latency_clips, interim))
+                for interim in (False, True)
+            }
         ct2_memory = ct2_rss(stream_clips, folder)
 
     # ---- report
@@ -805,16 +815,23 @@ def main() -> int:
         f"silence_duration {SILENCE_S} s (the default)"
     )
     print(
-        f"{'interim results':<16} | {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} | "
+        f"{'window':<8} {'interim':<7} | {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} | "
         f"{'p50 - silence':>13} {'p95 - silence':>13} | {'WER':>5}"
     )
-    for interim, (result, errors) in latency.items():
+    rows = [("30 s", i, r) for i, r in latency.items()]
+    rows += [(f"+{SHORT_WINDOW_MARGIN_S:g} s", i, r) for i, r in short_latency.items()]
+    for window, interim, (result, errors) in rows:
         print(
-            f"{'on' if interim else 'off':<16} | {result.p50_ms:>7.0f} "
+            f"{window:<8} {'on' if interim else 'off':<7} | {result.p50_ms:>7.0f} "
             f"{result.percentile(95) * 1000:>7.0f} {max(result.latencies_s) * 1000:>7.0f} | "
             f"{result.p50_ms - SILENCE_S * 1000:>13.0f} "
             f"{result.percentile(95) * 1000 - SILENCE_S * 1000:>13.0f} | {errors:>5.2f}"
         )
+    print(
+        f"window +{SHORT_WINDOW_MARGIN_S:g} s: SPEECHMESH_ASR_STREAM_WINDOW_MARGIN_S="
+        f"{SHORT_WINDOW_MARGIN_S:g} (each utterance encoded in its own length plus the margin, "
+        "not Whisper's 30 s; opt-in, as it costs some accuracy)"
+    )
     print(f"load average after part 3: {load_latency}")
 
     mib = 1 << 20
@@ -860,7 +877,8 @@ def main() -> int:
         f"  final ≤ 500 ms after speech ends: p50 {p50_off:.0f} ms, p95 "
         f"{latency[False][0].percentile(95) * 1000:.0f} ms (interim off) → {_met(p50_off <= 500)}; "
         f"minus the {SILENCE_S * 1000:.0f} ms silence the detector must hear first: p50 "
-        f"{p50_off - SILENCE_S * 1000:.0f} ms"
+        f"{p50_off - SILENCE_S * 1000:.0f} ms; with the +{SHORT_WINDOW_MARGIN_S:g} s window: p50 "
+        f"{short_latency[False][0].p50_ms:.0f} ms → {_met(short_latency[False][0].p50_ms <= 500)}"
     )
     print(f"\nload average at end: {_load()}; took {time.perf_counter() - began:.0f} s")
     return 0

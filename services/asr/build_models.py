@@ -6,7 +6,8 @@
     <cache>/asr/whisper-<size>/
         ct2/        the original CTranslate2 folder (base: its two parts joined)
         hf/         Hugging Face checkpoint (services.asr.convert)
-        onnx-fp32/  encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx
+        onnx-fp32/  encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx,
+                    encoder_any_length_model.onnx (short windows: any frame count)
                     + config, generation, preprocessor and tokenizer json files
         onnx-int8/  the same graphs with int8 weights (onnxruntime's quantize_dynamic),
                     + quantization.json describing how
@@ -36,14 +37,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.asr.whisper_onnx import QUANTIZATION_FILE
+from services.asr.whisper_onnx import ANY_LENGTH_ENCODER, QUANTIZATION_FILE
 from services.common.logs import configure_logging
 from services.common.settings import model_cache_dir
 
 log = logging.getLogger("services.asr.build_models")
 
 # Bump when the build changes, so existing caches are rebuilt.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 STAMP = ".complete"
 ONNX_TASK = "automatic-speech-recognition-with-past"
 ONNX_GRAPHS = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
@@ -248,6 +249,45 @@ def _export_onnx(hf_folder: Path, out: Path) -> None:
         gc.collect()
         for name in (*ONNX_GRAPHS, *SIDE_FILES):
             shutil.move(Path(tmp) / name, out / name)
+        _export_any_length_encoder(hf_folder, out / ANY_LENGTH_ENCODER)
+
+
+def _export_any_length_encoder(hf_folder: Path, out: Path) -> None:
+    """The encoder with a free frame count: its position embeddings are cut to the frames
+    given, as whisper.cpp's `audio_ctx` does. On 3000 frames it is the usual encoder."""
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    encoder = WhisperForConditionalGeneration.from_pretrained(hf_folder).model.encoder.eval()
+
+    class AnyLengthEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+            states = torch.nn.functional.gelu(self.encoder.conv1(input_features))
+            states = torch.nn.functional.gelu(self.encoder.conv2(states)).permute(0, 2, 1)
+            states = states + self.encoder.embed_positions.weight[: states.shape[1]]
+            for layer in self.encoder.layers:
+                states = layer(states, None, layer_head_mask=None)[0]
+            return self.encoder.layer_norm(states)
+
+    example = torch.zeros(1, encoder.config.num_mel_bins, 200)
+    with torch.no_grad():
+        torch.onnx.export(
+            AnyLengthEncoder(),
+            (example,),
+            str(out),
+            input_names=["input_features"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_features": {0: "batch_size", 2: "frames"},
+                "last_hidden_state": {0: "batch_size", 1: "positions"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 def _quantize(fp32_folder: Path, out: Path) -> None:
@@ -258,7 +298,7 @@ def _quantize(fp32_folder: Path, out: Path) -> None:
     # The quantizer logs every tensor it skips on the root logger at INFO.
     root.setLevel(logging.ERROR)
     try:
-        for graph in ONNX_GRAPHS:
+        for graph in (*ONNX_GRAPHS, ANY_LENGTH_ENCODER):
             quantize_dynamic(
                 fp32_folder / graph,
                 out / graph,

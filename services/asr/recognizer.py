@@ -58,6 +58,7 @@ class _Job:
     task: Task
     samples: np.ndarray
     language: str | None
+    window_margin_s: float | None = None  # see WhisperOnnx.generate
 
 
 def interpolate_words(segment: Segment) -> list[Word]:
@@ -117,7 +118,7 @@ class Recognizer:
             max_batch_size=max_batch_size,
             max_wait_s=max_wait_s,
             max_queue=max_queue,
-            batch_key=lambda job: (job.model, job.task),
+            batch_key=lambda job: (job.model, job.task, job.window_margin_s),
         )
 
     def start(self) -> None:
@@ -150,12 +151,13 @@ class Recognizer:
             )
 
     def _run_batch(self, key: Hashable, jobs: Sequence[_Job]) -> list[Transcription]:
-        model, task = jobs[0].model, jobs[0].task
-        return self.models[model].runner.generate(
+        first = jobs[0]
+        return self.models[first.model].runner.generate(
             [j.samples for j in jobs],
             language=[j.language for j in jobs],
-            task=task,
+            task=first.task,
             timestamps=True,
+            window_margin_s=first.window_margin_s,
         )
 
     async def recognize(
@@ -168,6 +170,7 @@ class Recognizer:
         model_name: str,
         timeout_s: float | None,
         offset_s: float = 0.0,
+        window_margin_s: float | None = None,
     ) -> Recognition:
         model = self.model(model_name)
         self.check(model, language, task)
@@ -175,12 +178,15 @@ class Recognizer:
         bounds = list(zip([0, *cuts], [*cuts, len(samples)], strict=True))
         # The first piece decides the language the others are decoded in.
         first = await self.batcher.submit(
-            _Job(model.name, task, samples[: bounds[0][1]], language or None), timeout_s
+            _Job(model.name, task, samples[: bounds[0][1]], language or None, window_margin_s),
+            timeout_s,
         )
         chosen = language or first.language or "en"
         rest = await asyncio.gather(
             *(
-                self.batcher.submit(_Job(model.name, task, samples[a:b], chosen), timeout_s)
+                self.batcher.submit(
+                    _Job(model.name, task, samples[a:b], chosen, window_margin_s), timeout_s
+                )
                 for a, b in bounds[1:]
             )
         )

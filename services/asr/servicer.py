@@ -128,6 +128,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             interim_interval_s=self.settings.interim_interval_s,
             max_utterance_s=self.settings.max_utterance_s,
             timeout_s=remaining_time(context),
+            window_margin_s=self.settings.stream_window_margin_s or None,
         )
         async for response in session.run(chunks()):
             yield response

@@ -85,6 +85,7 @@ class StreamSession:
         interim_interval_s: float,
         max_utterance_s: float,
         timeout_s: float | None,
+        window_margin_s: float | None = None,
     ) -> None:
         self.recognizer = recognizer
         self.config = config
@@ -97,6 +98,7 @@ class StreamSession:
         self.interim_samples = int(interim_interval_s * RATE)
         self.max_samples = int(max_utterance_s * RATE)
         self.timeout_s = timeout_s
+        self.window_margin_s = window_margin_s
         self.heard = 0  # 16 kHz samples received so far
         self.utterance_index = 0
         self.utterance_start: int | None = None  # stream position of the current utterance
@@ -128,6 +130,7 @@ class StreamSession:
                 model_name=self.config.model,
                 timeout_s=self.timeout_s,
                 offset_s=self.utterance_start / RATE,
+                window_margin_s=self.window_margin_s,
             )
         )
         # A speculation may be dropped after it failed; its error is not news then.

@@ -9,6 +9,8 @@ timestamp rules, greedy choice, so on the fp32 graphs it yields the same tokens.
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,13 @@ DEFAULT_MAX_NEW_TOKENS = 224
 # Whisper's rule for skipping a window as silence: likely no speech and a weak transcript.
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
+COMPRESSION_RATIO_THRESHOLD = 2.4
 _MEL_FLOOR = 1e-10
 # Written by the build beside graphs whose results depend on what else is in the batch.
 QUANTIZATION_FILE = "quantization.json"
+# The project's own export of the encoder that takes any number of frames (optimum's takes
+# exactly 3000): short clips need not pay for a 30 s window.
+ANY_LENGTH_ENCODER = "encoder_any_length_model.onnx"
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,11 @@ class WhisperOnnx:
             encoder=session("encoder_model.onnx"),
             decoder=session("decoder_model.onnx"),
             decoder_with_past=session("decoder_with_past_model.onnx"),
+            encoder_any_length=(
+                session(ANY_LENGTH_ENCODER)
+                if (self.folder / ANY_LENGTH_ENCODER).is_file()
+                else None
+            ),
         )
 
     @property
@@ -217,6 +228,25 @@ class WhisperOnnx:
         runtime = self._require()
         return runtime.run(runtime.encoder, {"input_features": features})["last_hidden_state"]
 
+    def _encode_window(
+        self, audios: Sequence[np.ndarray], margin_s: float | None
+    ) -> tuple[np.ndarray, bool]:
+        """Encoder states of the clips, and whether a short window was used: with a margin
+        (and a model that has the any-length encoder), the window is the longest clip plus
+        the margin instead of 30 s."""
+        runtime = self._require()
+        features = self.features(audios)
+        if margin_s is None or runtime.encoder_any_length is None:
+            return self.encode(features), False
+        front = runtime.front
+        longest = max(len(audio) for audio in audios) + margin_s * front.sampling_rate
+        frames = 2 * math.ceil(longest / front.hop_length / 2)  # the second conv halves it
+        if frames >= features.shape[-1]:
+            return self.encode(features), False
+        short = np.ascontiguousarray(features[:, :, :frames])
+        encoded = runtime.run(runtime.encoder_any_length, {"input_features": short})
+        return encoded["last_hidden_state"], True
+
     def detect_language(self, encoder_out: np.ndarray) -> list[tuple[str, float]]:
         """Most likely language code and its probability, per item (multilingual only)."""
         runtime = self._require()
@@ -240,11 +270,14 @@ class WhisperOnnx:
         task: Task = "transcribe",
         timestamps: bool = False,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        window_margin_s: float | None = None,
     ) -> list[Transcription]:
         """Greedy-decode each clip (up to 30 s is used). `language=None` detects it per item.
 
         Items do not influence each other: a batch gives each clip the tokens it gets
-        alone.
+        alone. With `window_margin_s`, short clips are encoded in a window of their length
+        plus the margin (far less work than 30 s); a result that looks degenerate there
+        (Whisper's own fallback rules) is decoded again in the full window.
         """
         runtime = self._require()
         count = len(audios)
@@ -256,7 +289,7 @@ class WhisperOnnx:
             languages = list(language)
         if len(languages) != count:
             raise ValueError(f"{len(languages)} languages for {count} clips")
-        encoder_out = self.encode(self.features(audios))
+        encoder_out, short_window = self._encode_window(audios, window_margin_s)
         chosen = self._resolve_languages(languages, task, encoder_out)
         prompts = np.array([runtime.prompt(code, task, timestamps) for code, _ in chosen], np.int64)
         limit = min(max_new_tokens, runtime.max_positions - prompts.shape[1])
@@ -279,6 +312,17 @@ class WhisperOnnx:
                     segments=segments,
                 )
             )
+        redo = [i for i, result in enumerate(results) if short_window and looks_degenerate(result)]
+        if redo:
+            again = self.generate(
+                [audios[i] for i in redo],
+                language=[languages[i] for i in redo],
+                task=task,
+                timestamps=timestamps,
+                max_new_tokens=max_new_tokens,
+            )
+            for i, result in zip(redo, again, strict=True):
+                results[i] = result
         return results
 
     def transcribe_long(
@@ -412,6 +456,7 @@ class _Runtime:
     encoder: ort.InferenceSession
     decoder: ort.InferenceSession
     decoder_with_past: ort.InferenceSession
+    encoder_any_length: ort.InferenceSession | None  # absent from exports that are not ours
 
     def run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, Any]:
         """Run a graph on a batch; every input and output has the batch first.
@@ -564,6 +609,14 @@ class _Runtime:
 def _past(output_name: str) -> str:
     """The with-past graph's input name for a cache output (`present.*` -> `past_key_values.*`)."""
     return output_name.replace("present", "past_key_values", 1)
+
+
+def looks_degenerate(result: Transcription) -> bool:
+    """Whisper's fallback rules: text that repeats itself (gzip compresses it more than
+    2.4 times) or tokens the model was unsure of (mean log-probability below -1)."""
+    data = result.text.encode()
+    repeats = len(data) > 0 and len(data) / len(zlib.compress(data)) > COMPRESSION_RATIO_THRESHOLD
+    return repeats or result.avg_logprob < LOGPROB_THRESHOLD
 
 
 def _read_json(path: Path) -> dict[str, Any]:

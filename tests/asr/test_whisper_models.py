@@ -28,7 +28,7 @@ from services.asr.build_models import (
     whisper_sources,
 )
 from services.asr.ct2_reader import read_ct2
-from services.asr.whisper_onnx import Transcription, WhisperOnnx
+from services.asr.whisper_onnx import Transcription, WhisperOnnx, looks_degenerate
 from tests.asr.wer import word_error_rate
 from tests.speech import BECKETT, ENGLISH, RATE, TWO_CITIES
 
@@ -167,6 +167,47 @@ def test_onnx_int8_word_error_rate(
     texts = [r.text for r in results]
     assert word_error_rate(ENGLISH, texts[:-1]) < 0.15, texts
     assert word_error_rate([BECKETT], texts[-1:]) < 0.15, texts
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("name", MODELS)
+def test_any_length_encoder_is_the_encoder_on_a_full_window(
+    name: str, runners: dict[tuple[str, str], WhisperOnnx], clips: dict[str, np.ndarray]
+) -> None:
+    runtime = runners[name, "onnx-fp32"]._require()
+    assert runtime.encoder_any_length is not None
+    features = runners[name, "onnx-fp32"].features([clips["en0"]])
+    ours = runtime.encoder_any_length.run(None, {"input_features": features})[0]
+    optimum = runtime.encoder.run(None, {"input_features": features})[0]
+    assert np.abs(ours - optimum).max() < 1e-3
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("name", MODELS)
+def test_short_windows_keep_the_word_error_rate(
+    name: str, runners: dict[tuple[str, str], WhisperOnnx], clips: dict[str, np.ndarray]
+) -> None:
+    runner = runners[name, "onnx-int8"]
+    english = [clips[f"en{i}"] for i in range(len(ENGLISH))]
+    encoded, short = runner._encode_window(english[:1], margin_s=1.0)
+    assert short and encoded.shape[1] < 1500 / 5  # a ~3 s clip: a window of ~4 s, not 30
+    results = [
+        runner.generate([audio], language=_english(runner), timestamps=True, window_margin_s=1.0)[0]
+        for audio in [*english, clips["beckett"]]
+    ]
+    texts = [r.text for r in results]
+    assert word_error_rate(ENGLISH, texts[:-1]) < 0.15, texts
+    assert word_error_rate([BECKETT], texts[-1:]) < 0.15, texts
+    assert all(0 <= s.start <= s.end for r in results for s in r.segments)
+
+
+def test_degenerate_results_are_recognized() -> None:
+    def result(text: str, logprob: float) -> Transcription:
+        return Transcription([], text, logprob, 0.0, "en", 1.0, [])
+
+    assert looks_degenerate(result(" the report the report" * 20, -0.2))  # repeats itself
+    assert looks_degenerate(result(" Could you send me the report?", -1.4))  # unsure
+    assert not looks_degenerate(result(" Could you send me the report?", -0.3))
 
 
 @pytest.mark.models
