@@ -2,7 +2,8 @@
 gateway, each its own process, as deployed; every cache off, so each call does the work).
 
 1. TranslateText through the gateway (authenticated with an ADMIN-tier key: no rate limit;
-   the gateway calls auth's Authenticate, then mt) beside MtService/Translate called
+   the gateway calls auth's Authenticate and, the key being known, mt while auth answers)
+   beside MtService/Translate called
    directly on the mt service, English → Portuguese, one sentence per call, the same 200
    sentences as `make bench-mt`:
    - 1 caller: each sentence goes direct and through the gateway back to back (the order
@@ -13,7 +14,9 @@ gateway, each its own process, as deployed; every cache off, so each call does t
    Added latency = gateway - direct (p50 and p99); throughput ratio = gateway calls/s ÷
    direct calls/s. Auth's own Authenticate round trip, called directly, and ListLanguages
    through the gateway (auth plus an answer from the gateway's memory) are printed beside
-   them: the floor of what the edge adds, and the edge alone. The CPU time each process
+   them: the floor of what the edge adds, and the edge alone. So is a bare grpc.aio proxy in
+   front of mt (bench/bare_proxy.py: bytes forwarded unparsed, nothing else), paired with
+   direct calls the same way: the least any Python gRPC hop adds here. The CPU time each process
    burns per call (psutil) shows what the edge costs a CPU-bound machine, less noisily than
    the rates do.
 2. TranslateSpeech end to end on a short espeak-ng sentence (~3 s WAV, language detected,
@@ -46,6 +49,7 @@ import soundfile
 
 from bench.bench_mt import sentences
 from bench.stats import LoadResult, closed_loop
+from services.common.testing import free_port
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -57,6 +61,7 @@ RATE = 16_000
 CONCURRENCY = 16
 SPOKEN = "Could you please send me the report before noon?"
 TRANSLATE_TEXT = "/speechmesh.gateway.v1.SpeechTranslationService/TranslateText"
+MT_TRANSLATE = "/speechmesh.mt.v1.MtService/Translate"
 SERVICES = ("AUTH", "ASR", "MT", "GATEWAY")
 ENV = {
     "SPEECHMESH_GATEWAY_CACHE_TTL_S": "0",
@@ -76,6 +81,8 @@ class Results:
     gateway_1: LoadResult | None = None
     auth_1: LoadResult | None = None
     edge_1: LoadResult | None = None
+    bare_direct_1: LoadResult | None = None
+    bare_proxy_1: LoadResult | None = None
     runs_16: dict[str, list[LoadResult]] = field(default_factory=dict)
     auth_16: LoadResult | None = None
     edge_16: LoadResult | None = None
@@ -124,9 +131,10 @@ def paired_differences(a: LoadResult, b: LoadResult) -> LoadResult:
     return LoadResult(len(differences), 1.0, differences)
 
 
-async def measure(mesh: Mesh, wav: bytes, rounds: int) -> Results:
+async def measure(mesh: Mesh, wav: bytes, rounds: int, bare_proxy_port: int) -> Results:
     texts = sentences()
     async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{bare_proxy_port}") as bare_proxy_channel,
         grpc.aio.insecure_channel(mesh["gateway"].target) as gateway_channel,
         grpc.aio.insecure_channel(mesh["mt"].target) as mt_channel,
         grpc.aio.insecure_channel(mesh["asr"].target) as asr_channel,
@@ -139,6 +147,7 @@ async def measure(mesh: Mesh, wav: bytes, rounds: int) -> Results:
         user = (("x-api-key", created.api_key),)
         public = gateway_pb2_grpc.SpeechTranslationServiceStub(gateway_channel)
         mt = mt_pb2_grpc.MtServiceStub(mt_channel)
+        bare_proxy = mt_pb2_grpc.MtServiceStub(bare_proxy_channel)
         asr = asr_pb2_grpc.AsrServiceStub(asr_channel)
         auth = auth_pb2_grpc.AuthServiceStub(auth_channel)
 
@@ -162,6 +171,11 @@ async def measure(mesh: Mesh, wav: bytes, rounds: int) -> Results:
         async def direct(index: int) -> object:
             return await mt.Translate(mt_requests[index % len(texts)], timeout=30)
 
+        async def via_bare_proxy(index: int) -> object:
+            return await bare_proxy.Translate(
+                mt_requests[index % len(texts)], timeout=30, wait_for_ready=True
+            )
+
         async def authenticate(_: int) -> object:
             return await auth.Authenticate(authenticate_request, timeout=30)
 
@@ -180,10 +194,14 @@ async def measure(mesh: Mesh, wav: bytes, rounds: int) -> Results:
         await closed_loop(direct, CONCURRENCY, 100)
         await closed_loop(authenticate, 1, 200)
         await closed_loop(edge_only, 1, 200)
+        await closed_loop(via_bare_proxy, 1, 100)
 
         results = Results(same=sum(same), checked=len(same))
         # 1 caller, paired.
         results.direct_1, results.gateway_1 = await paired(direct, via_gateway, len(texts) * rounds)
+        results.bare_direct_1, results.bare_proxy_1 = await paired(
+            direct, via_bare_proxy, len(texts) * rounds
+        )
         results.auth_1 = await closed_loop(authenticate, 1, 1000)
         results.edge_1 = await closed_loop(edge_only, 1, 1000)
         results.loads["1 caller"] = _load()
@@ -269,9 +287,12 @@ def report(results: Results, audio_s: float) -> None:
         results.edge_1,
         results.edge_16,
     )
+    bare_direct_1, bare_proxy_1 = results.bare_direct_1, results.bare_proxy_1
     assert direct_1 and gateway_1 and auth_1 and auth_16 and edge_1 and edge_16
+    assert bare_direct_1 and bare_proxy_1
     runs = results.runs_16
     differences = paired_differences(direct_1, gateway_1)
+    bare_differences = paired_differences(bare_direct_1, bare_proxy_1)
 
     print(
         f"\n1. TranslateText en→pt, one sentence per call ({len(sentences())} sentences), "
@@ -300,8 +321,15 @@ def report(results: Results, audio_s: float) -> None:
         f"{differences.calls} pairs)"
     )
     print(
+        f"{1:>4} {'bare grpc.aio proxy':<22} | {bare_proxy_1.rate:>8.1f} "
+        f"{bare_proxy_1.p50_ms:>7.2f} {bare_proxy_1.p99_ms:>7.2f} | "
+        f"{bare_proxy_1.p50_ms - bare_direct_1.p50_ms:>9.2f} "
+        f"{bare_proxy_1.p99_ms - bare_direct_1.p99_ms:>9.2f} | "
+        f"(paired median {bare_differences.p50_ms:.2f}: the hop alone, bytes in, bytes out)"
+    )
+    print(
         f"{1:>4} {'auth Authenticate':<22} | {auth_1.rate:>8.0f} {auth_1.p50_ms:>7.2f} "
-        f"{auth_1.p99_ms:>7.2f} | (direct; the floor of what the edge adds)"
+        f"{auth_1.p99_ms:>7.2f} | (direct: what the edge would add, not overlapped)"
     )
     print(
         f"{1:>4} {'gateway ListLanguages':<22} | {edge_1.rate:>8.0f} {edge_1.p50_ms:>7.2f} "
@@ -416,7 +444,21 @@ def main() -> int:
         audio_s = soundfile.info(io.BytesIO(wav)).duration
         with Mesh(env=ENV, log_dir=Path(tmp)) as mesh:
             print(f"mesh started in {time.perf_counter() - began:.0f} s", flush=True)
-            results = asyncio.run(measure(mesh, wav, args.rounds))
+            port = free_port()
+            proxy = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("bare_proxy.py")),
+                    str(port),
+                    mesh["mt"].target,
+                    MT_TRANSLATE,
+                ]
+            )
+            try:
+                results = asyncio.run(measure(mesh, wav, args.rounds, port))
+            finally:
+                proxy.terminate()
+                proxy.wait()
     report(results, audio_s)
     print(f"\nload average at end: {_load()}; took {time.perf_counter() - began:.0f} s")
     return 0

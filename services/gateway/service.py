@@ -56,7 +56,7 @@ class GatewayService(GrpcService):
             self.downstreams, [speech_cache, text_cache], settings.downstream_health_timeout_s
         )
         self._authentication = AuthenticationInterceptor(
-            self.downstreams["auth"], settings.default_deadline_s
+            self.downstreams["auth"], settings.default_deadline_s, settings.auth_overlap_window_s
         )
         self._breaker_sync: asyncio.Task[None] | None = None
 

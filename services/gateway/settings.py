@@ -36,6 +36,14 @@ class GatewaySettings(ServiceSettings):
     deadline_margin_s: float = Field(
         default=0.005, ge=0, description="Kept back from each downstream call for our own reply."
     )
+    auth_overlap_window_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "For this long after auth accepted a credential, its unary public calls run while"
+            " auth checks them (the answer still waits for auth); 0 authenticates first always."
+        ),
+    )
     retry_max_attempts: int = Field(default=3, ge=1, le=10)
     retry_initial_backoff_s: float = Field(default=0.05, gt=0)
     retry_max_backoff_s: float = Field(default=1.0, gt=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from services.common.testing import error_details, insecure_channel
 from speechmesh.auth.v1 import auth_pb2
@@ -60,6 +61,57 @@ async def test_quota_is_charged_per_request_and_reported(edge: Edge) -> None:
     assert details["ErrorInfo"].reason == "RATE_LIMITED"
     assert 50 < details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() <= 60
     assert details["QuotaFailure"].violations[0].subject.startswith("key:")
+
+
+def overlapped(verdict: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "speechmesh_gateway_auth_overlapped_total", {"verdict": verdict}
+    )
+    return value or 0.0
+
+
+async def test_a_known_credential_runs_while_auth_checks_and_a_refusal_still_wins(
+    edge: Edge,
+) -> None:
+    key = await edge.create_key(auth_pb2.TIER_PRO)
+    meta = (("x-api-key", key),)
+    admitted, refused_late = overlapped("admitted"), overlapped("refused")
+    await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+    assert overlapped("admitted") == admitted  # first call: authenticated before the handler
+    call = edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+    await call
+    assert overlapped("admitted") == admitted + 1
+    assert dict(await call.trailing_metadata())["x-ratelimit-remaining-minute"] == "198"
+
+    await edge.admin.RevokeApiKey(
+        gateway_pb2.RevokeApiKeyRequest(key_id=key.split("_")[1]), metadata=ADMIN
+    )
+    # The handler would refuse this target as INVALID_ARGUMENT; auth's verdict wins, and
+    # says nothing about the request to a caller it does not know.
+    bad_target = gateway_pb2.TranslateTextRequest(texts=["hi"], target_language="not a language!")
+    error = await refused(
+        edge.public.TranslateText(bad_target, metadata=meta), grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert error_details(error)["ErrorInfo"].reason == "API_KEY_REVOKED"
+    assert overlapped("refused") == refused_late + 1
+    await refused(
+        edge.public.TranslateText(bad_target, metadata=meta), grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert overlapped("refused") == refused_late + 1  # refused once: authenticated first again
+
+
+async def test_a_spent_quota_is_never_overlapped(edge: Edge) -> None:
+    key = await edge.create_key(auth_pb2.TIER_FREE)  # 10 a minute
+    meta = (("x-api-key", key),)
+    admitted, refused_late = overlapped("admitted"), overlapped("refused")
+    for _ in range(10):
+        await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+    assert overlapped("admitted") == admitted + 9
+    await refused(
+        edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert overlapped("refused") == refused_late
 
 
 async def test_jwt_works_at_the_edge(edge: Edge) -> None:
@@ -130,15 +182,18 @@ async def test_health_follows_required_downstreams(edge: Edge) -> None:
 
 
 async def test_auth_down_fails_closed(edge: Edge) -> None:
-    key = await edge.create_key(auth_pb2.TIER_PRO)
+    known = await edge.create_key(auth_pb2.TIER_PRO)
+    unknown = await edge.create_key(auth_pb2.TIER_PRO)
+    request = gateway_pb2.ListLanguagesRequest()
+    await edge.public.ListLanguages(request, metadata=(("x-api-key", known),))
     await edge.auth.stop()
-    error = await refused(
-        edge.public.ListLanguages(
-            gateway_pb2.ListLanguagesRequest(), metadata=(("x-api-key", key),)
-        ),
-        grpc.StatusCode.UNAVAILABLE,
-    )
-    assert error_details(error)["ErrorInfo"].reason == "AUTH_ERROR"
+    # Both paths fail closed: authenticated first (unknown) and overlapped (known).
+    for key in (unknown, known):
+        error = await refused(
+            edge.public.ListLanguages(request, metadata=(("x-api-key", key),)),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert error_details(error)["ErrorInfo"].reason == "AUTH_ERROR"
 
 
 async def test_bad_requests_are_refused_before_any_downstream(edge: Edge) -> None:
