@@ -182,6 +182,10 @@ class WhisperOnnx:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads would spin for work and take the core that Python needs for
+        # the decoding loop between runs (and other streams): measured 25-30% more audio per
+        # second on 2 cores without spinning, single clips faster too.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(name: str) -> ort.InferenceSession:
             return ort.InferenceSession(
