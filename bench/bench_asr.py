@@ -509,36 +509,37 @@ def measure_throughput(
                 for c, r in zip(todo, responses, strict=True)
             ]
 
-    model, precision = STREAM_MODEL.rsplit("-", 1)
-    ct2_one = Ct2Whisper(model, PRECISIONS[precision], intra=THREADS)
-    ct2_pool = Ct2Whisper(model, PRECISIONS[precision], intra=1, inter=THREADS)
-
-    def ct2_sequential(todo: list[Clip]) -> Outputs:
-        return [ct2_one.transcribe_pieces(c.pieces) for c in todo]
-
-    def ct2_threads(todo: list[Clip]) -> Outputs:
-        with ThreadPoolExecutor(STREAMS) as pool:
-            return list(pool.map(lambda c: ct2_pool.transcribe_pieces(c.pieces), todo))
-
-    def ct2_batch(todo: list[Clip]) -> Outputs:
-        texts = ct2_one.transcribe_pieces([p for c in todo for p in c.pieces])
-        out, at = [], 0
-        for c in todo:
-            out.append(texts[at : at + len(c.bounds)])
-            at += len(c.bounds)
-        return out
-
-    pieces = sum(len(c.bounds) for c in clips)
     systems: dict[str, Callable[[list[Clip]], Outputs]] = {
         f"service, {STREAMS} concurrent streams{label}": lambda t: asyncio.run(streams(t, True)),
-        "service, the streams one by one": lambda t: asyncio.run(streams(t, False)),
-        f"service, Recognize x{STREAMS} concurrent": lambda t: asyncio.run(recognize_all(t)),
-        f"ctranslate2, sequential (intra {THREADS})": ct2_sequential,
-        f"ctranslate2, {STREAMS} threads (inter {THREADS} x intra 1)": ct2_threads,
-        f"ctranslate2, one batch of {pieces} (intra {THREADS})": ct2_batch,
     }
-    if not peers:
-        systems = dict(list(systems.items())[:1])
+    if peers:
+        model, precision = STREAM_MODEL.rsplit("-", 1)
+        ct2_one = Ct2Whisper(model, PRECISIONS[precision], intra=THREADS)
+        ct2_pool = Ct2Whisper(model, PRECISIONS[precision], intra=1, inter=THREADS)
+
+        def ct2_sequential(todo: list[Clip]) -> Outputs:
+            return [ct2_one.transcribe_pieces(c.pieces) for c in todo]
+
+        def ct2_threads(todo: list[Clip]) -> Outputs:
+            with ThreadPoolExecutor(STREAMS) as pool:
+                return list(pool.map(lambda c: ct2_pool.transcribe_pieces(c.pieces), todo))
+
+        def ct2_batch(todo: list[Clip]) -> Outputs:
+            texts = ct2_one.transcribe_pieces([p for c in todo for p in c.pieces])
+            out, at = [], 0
+            for c in todo:
+                out.append(texts[at : at + len(c.bounds)])
+                at += len(c.bounds)
+            return out
+
+        pieces = sum(len(c.bounds) for c in clips)
+        systems |= {
+            "service, the streams one by one": lambda t: asyncio.run(streams(t, False)),
+            f"service, Recognize x{STREAMS} concurrent": lambda t: asyncio.run(recognize_all(t)),
+            f"ctranslate2, sequential (intra {THREADS})": ct2_sequential,
+            f"ctranslate2, {STREAMS} threads (inter {THREADS} x intra 1)": ct2_threads,
+            f"ctranslate2, one batch of {pieces} (intra {THREADS})": ct2_batch,
+        }
     short = [c for c in clips if len(c.bounds) == 1 and c.seconds < 5]
     for name, run in systems.items():  # warm-up on the short clips: every path, batches too
         run(short)

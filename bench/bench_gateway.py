@@ -3,9 +3,8 @@ gateway, each its own process, as deployed; every cache off, so each call does t
 
 1. TranslateText through the gateway (authenticated with an ADMIN-tier key: no rate limit;
    the gateway calls auth's Authenticate and, the key being known, mt while auth answers)
-   beside MtService/Translate called
-   directly on the mt service, English → Portuguese, one sentence per call, the same 200
-   sentences as `make bench-mt`:
+   beside MtService/Translate called directly on the mt service, English → Portuguese, one
+   sentence per call, the same 200 sentences as `make bench-mt`:
    - 1 caller: each sentence goes direct and through the gateway back to back (the order
      alternates), so the added latency is also read from the paired differences, which a
      burst of load elsewhere hits alike;
@@ -16,9 +15,9 @@ gateway, each its own process, as deployed; every cache off, so each call does t
    through the gateway (auth plus an answer from the gateway's memory) are printed beside
    them: the floor of what the edge adds, and the edge alone. So is a bare grpc.aio proxy in
    front of mt (bench/bare_proxy.py: bytes forwarded unparsed, nothing else), paired with
-   direct calls the same way: the least any Python gRPC hop adds here. The CPU time each process
-   burns per call (psutil) shows what the edge costs a CPU-bound machine, less noisily than
-   the rates do.
+   direct calls the same way: the least any Python gRPC hop adds here. The CPU time each
+   process burns per call (psutil) shows what the edge costs a CPU-bound machine, less
+   noisily than the rates do.
 2. TranslateSpeech end to end on a short espeak-ng sentence (~3 s WAV, language detected,
    target `pt`), p50/p95, beside the same work called directly (asr Recognize, then mt
    Translate of the transcript), paired the same way.

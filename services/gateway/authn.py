@@ -93,6 +93,8 @@ class RecentAdmissions:
         return True
 
     def admitted(self, fingerprint: bytes, quota: auth_pb2.Quota) -> None:
+        if not self.window_s:
+            return  # overlapping is off: nothing will ever be taken
         limits = [
             remaining
             for limit, remaining in (
@@ -108,9 +110,6 @@ class RecentAdmissions:
 
     def refused(self, fingerprint: bytes) -> None:
         self._entries.pop(fingerprint, None)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 class _AuthScope:
@@ -200,14 +199,13 @@ class AuthenticationInterceptor(WrappingInterceptor):
         self.stub = auth_pb2_grpc.AuthServiceStub(auth.channel)
         self.default_deadline_s = default_deadline_s
         self.admissions = RecentAdmissions(overlap_window_s)
-        self.overlap = overlap_window_s > 0
 
     def scope_for(self, method: str, handler: grpc.RpcMethodHandler) -> Scope | None:
         if method.startswith(INFRASTRUCTURE_PREFIXES):
             return None  # probes and grpcurl's reflection need no credential
         # Only answers that can be withheld until auth's verdict: unary, public, read-only.
         overlappable = (
-            self.overlap
+            self.admissions.window_s > 0
             and method.startswith(PUBLIC_SERVICE_PREFIX)
             and not handler.request_streaming
             and not handler.response_streaming
