@@ -2,7 +2,8 @@
 gateway, each its own process, as deployed; every cache off, so each call does the work).
 
 1. TranslateText through the gateway (authenticated with an ADMIN-tier key: no rate limit;
-   the gateway calls auth's Authenticate and, the key being known, mt while auth answers)
+   auth's verdict on it leased for the default `auth_lease_s`, so the calls are charged to
+   auth in batches rather than each making a round trip to it)
    beside MtService/Translate called directly on the mt service, English → Portuguese, one
    sentence per call, the same 200 sentences as `make bench-mt`:
    - 1 caller: each sentence goes direct and through the gateway back to back (the order
@@ -15,9 +16,10 @@ gateway, each its own process, as deployed; every cache off, so each call does t
    through the gateway (auth plus an answer from the gateway's memory) are printed beside
    them: the floor of what the edge adds, and the edge alone. So is a bare grpc.aio proxy in
    front of mt (bench/bare_proxy.py: bytes forwarded unparsed, nothing else), paired with
-   direct calls the same way: the least any Python gRPC hop adds here. The CPU time each
-   process burns per call (psutil) shows what the edge costs a CPU-bound machine, less
-   noisily than the rates do.
+   direct calls the same way: the least any Python gRPC hop adds here; and a second gateway
+   with leases off (`auth_lease_s=0`: auth's round trip before every call), paired too.
+   The CPU time each process burns per call (psutil) shows what the edge costs a CPU-bound
+   machine, less noisily than the rates do.
 2. TranslateSpeech end to end on a short espeak-ng sentence (~3 s WAV, language detected,
    target `pt`), p50/p95, beside the same work called directly (asr Recognize, then mt
    Translate of the transcript), paired the same way.
@@ -82,6 +84,8 @@ class Results:
     edge_1: LoadResult | None = None
     bare_direct_1: LoadResult | None = None
     bare_proxy_1: LoadResult | None = None
+    unleased_direct_1: LoadResult | None = None
+    unleased_1: LoadResult | None = None
     runs_16: dict[str, list[LoadResult]] = field(default_factory=dict)
     auth_16: LoadResult | None = None
     edge_16: LoadResult | None = None
@@ -130,10 +134,13 @@ def paired_differences(a: LoadResult, b: LoadResult) -> LoadResult:
     return LoadResult(len(differences), 1.0, differences)
 
 
-async def measure(mesh: Mesh, wav: bytes, rounds: int, bare_proxy_port: int) -> Results:
+async def measure(
+    mesh: Mesh, wav: bytes, rounds: int, bare_proxy_port: int, unleased_port: int
+) -> Results:
     texts = sentences()
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{bare_proxy_port}") as bare_proxy_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{unleased_port}") as unleased_channel,
         grpc.aio.insecure_channel(mesh["gateway"].target) as gateway_channel,
         grpc.aio.insecure_channel(mesh["mt"].target) as mt_channel,
         grpc.aio.insecure_channel(mesh["asr"].target) as asr_channel,
@@ -145,6 +152,7 @@ async def measure(mesh: Mesh, wav: bytes, rounds: int, bare_proxy_port: int) -> 
         )
         user = (("x-api-key", created.api_key),)
         public = gateway_pb2_grpc.SpeechTranslationServiceStub(gateway_channel)
+        unleased = gateway_pb2_grpc.SpeechTranslationServiceStub(unleased_channel)
         mt = mt_pb2_grpc.MtServiceStub(mt_channel)
         bare_proxy = mt_pb2_grpc.MtServiceStub(bare_proxy_channel)
         asr = asr_pb2_grpc.AsrServiceStub(asr_channel)
@@ -165,6 +173,11 @@ async def measure(mesh: Mesh, wav: bytes, rounds: int, bare_proxy_port: int) -> 
         async def via_gateway(index: int) -> object:
             return await public.TranslateText(
                 gateway_requests[index % len(texts)], metadata=user, timeout=30
+            )
+
+        async def via_unleased_gateway(index: int) -> object:
+            return await unleased.TranslateText(
+                gateway_requests[index % len(texts)], metadata=user, timeout=30, wait_for_ready=True
             )
 
         async def direct(index: int) -> object:
@@ -194,12 +207,16 @@ async def measure(mesh: Mesh, wav: bytes, rounds: int, bare_proxy_port: int) -> 
         await closed_loop(authenticate, 1, 200)
         await closed_loop(edge_only, 1, 200)
         await closed_loop(via_bare_proxy, 1, 100)
+        await closed_loop(via_unleased_gateway, 1, 100)
 
         results = Results(same=sum(same), checked=len(same))
         # 1 caller, paired.
         results.direct_1, results.gateway_1 = await paired(direct, via_gateway, len(texts) * rounds)
         results.bare_direct_1, results.bare_proxy_1 = await paired(
             direct, via_bare_proxy, len(texts) * rounds
+        )
+        results.unleased_direct_1, results.unleased_1 = await paired(
+            direct, via_unleased_gateway, len(texts) * rounds
         )
         results.auth_1 = await closed_loop(authenticate, 1, 1000)
         results.edge_1 = await closed_loop(edge_only, 1, 1000)
@@ -326,13 +343,23 @@ def report(results: Results, audio_s: float) -> None:
         f"{bare_proxy_1.p99_ms - bare_direct_1.p99_ms:>9.2f} | "
         f"(paired median {bare_differences.p50_ms:.2f}: the hop alone, bytes in, bytes out)"
     )
+    unleased_direct_1, unleased_1 = results.unleased_direct_1, results.unleased_1
+    assert unleased_direct_1 and unleased_1
+    print(
+        f"{1:>4} {'gateway, no leases':<22} | {unleased_1.rate:>8.1f} "
+        f"{unleased_1.p50_ms:>7.2f} {unleased_1.p99_ms:>7.2f} | "
+        f"{unleased_1.p50_ms - unleased_direct_1.p50_ms:>9.2f} "
+        f"{unleased_1.p99_ms - unleased_direct_1.p99_ms:>9.2f} | "
+        f"(paired median {paired_differences(unleased_direct_1, unleased_1).p50_ms:.2f}: "
+        "auth_lease_s=0, a round trip to auth first on every call)"
+    )
     print(
         f"{1:>4} {'auth Authenticate':<22} | {auth_1.rate:>8.0f} {auth_1.p50_ms:>7.2f} "
-        f"{auth_1.p99_ms:>7.2f} | (direct: what the edge would add, not overlapped)"
+        f"{auth_1.p99_ms:>7.2f} | (direct: what each call would add without leases)"
     )
     print(
         f"{1:>4} {'gateway ListLanguages':<22} | {edge_1.rate:>8.0f} {edge_1.p50_ms:>7.2f} "
-        f"{edge_1.p99_ms:>7.2f} | (auth + a cached answer: the edge with no downstream)"
+        f"{edge_1.p99_ms:>7.2f} | (a cached answer: the edge with no downstream)"
     )
     direct_16 = {
         "rate": statistics.median(r.rate for r in runs["direct"]),
@@ -453,11 +480,22 @@ def main() -> int:
                     MT_TRANSLATE,
                 ]
             )
+            unleased_port = free_port()
+            unleased_gateway = subprocess.Popen(
+                [sys.executable, "-m", "services.gateway"],
+                env={
+                    **mesh["gateway"].env,
+                    "SPEECHMESH_GATEWAY_PORT": str(unleased_port),
+                    "SPEECHMESH_GATEWAY_METRICS_PORT": "-1",
+                    "SPEECHMESH_GATEWAY_AUTH_LEASE_S": "0",
+                },
+            )
             try:
-                results = asyncio.run(measure(mesh, wav, args.rounds, port))
+                results = asyncio.run(measure(mesh, wav, args.rounds, port, unleased_port))
             finally:
-                proxy.terminate()
-                proxy.wait()
+                for process in (proxy, unleased_gateway):
+                    process.terminate()
+                    process.wait()
     report(results, audio_s)
     print(f"\nload average at end: {_load()}; took {time.perf_counter() - began:.0f} s")
     return 0

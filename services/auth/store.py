@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from services.common.credentials import REVOKED_KEYS_CHANNEL
 from services.common.errors import InvalidArgument, NotFound, Unavailable, shown
 from services.common.redis import REDIS_DOWN_ERRORS
 
@@ -153,6 +154,8 @@ class KeyStore:
                     self.record_key(key_id),
                     mapping={"revoked": "1", "revoked_ms": record.revoked_ms},
                 )
+        async with self.guard():  # again for a repeated revoke: a gateway may have missed it
+            await self.redis.publish(REVOKED_KEYS_CHANNEL, key_id)
         return record
 
     async def list(

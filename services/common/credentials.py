@@ -6,6 +6,9 @@ from collections.abc import Iterable
 
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
+# Redis pub/sub channel on which auth announces each revoked key id, so that gateways drop
+# what they lease for it at once instead of when the lease runs out.
+REVOKED_KEYS_CHANNEL = "speechmesh:revoked-keys"
 
 
 def credentials_from_metadata(

@@ -1,18 +1,21 @@
-"""Every public call is authenticated through the auth service; no answer leaves without it.
+"""Every public call is authorized by the auth service; no answer leaves without its verdict.
 
 The credential (`x-api-key` or `authorization: Bearer`) goes to AuthService/Authenticate
 with the method being called and a cost of one request. Auth's refusals reach the caller
 as auth gave them (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED with RetryInfo
 and QuotaFailure); auth being unreachable is UNAVAILABLE — never a call let through.
 
-Auth is a network hop, and waiting for it before the handler starts puts its whole round
-trip on every call. So a unary call of the public service whose credential auth accepted
-a moment ago (and that had quota left then) runs its handler *while* auth checks it: the
-answer still waits for auth's verdict, and a refusal replaces whatever the handler made.
-What this risks is bounded work, never an answer: a revoked credential or a spent quota
-costs at most the calls already in flight, because the refusal drops the credential back
-to authenticate-first. Admin calls and streams (which answer before they end) always
-authenticate first.
+A round trip to auth on every call costs as much as the gateway's own work, and auth's CPU
+as much again on the same machines. So auth's verdict is *leased*: once auth has admitted a
+credential for a unary method of the public service, further calls with it to that method
+are admitted here for `lease_s`, as far as the quota auth last reported goes, and their cost
+is charged to auth in one batch every `charge_interval_s`. A charge is also a fresh verdict,
+so a spent quota or a revoked key ends the lease at the next charge; a revocation also ends
+it at once through auth's announcement on Redis. What a lease risks is bounded: a replica
+never admits more than the quota auth told it was left, and a revoked credential gets at
+most the calls of one charge interval (or of `lease_s`, if the announcement was lost).
+Admin calls (side effects) and streams always authenticate first, as does every call when
+`lease_s` is 0.
 """
 
 from __future__ import annotations
@@ -20,113 +23,182 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
+import logging
 import time
-from collections.abc import Awaitable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import grpc
 from prometheus_client import Counter
+from redis.asyncio import Redis
 
-from services.common.credentials import credentials_from_metadata
-from services.common.errors import Unauthenticated
+from services.common.credentials import REVOKED_KEYS_CHANNEL, credentials_from_metadata
+from services.common.errors import DeadlineExceeded, DownstreamError, Unauthenticated, Unavailable
 from services.common.interceptors import INFRASTRUCTURE_PREFIXES, Scope, WrappingInterceptor
 from services.gateway.downstream import Deadline, Downstream
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from speechmesh.gateway.v1 import gateway_pb2
+
+log = logging.getLogger("speechmesh.gateway.authn")
 
 REMAINING_MINUTE_HEADER = "x-ratelimit-remaining-minute"
 REMAINING_DAY_HEADER = "x-ratelimit-remaining-day"
 PUBLIC_SERVICE_PREFIX = (
     "/" + gateway_pb2.DESCRIPTOR.services_by_name["SpeechTranslationService"].full_name + "/"
 )
-
-overlapped_total = Counter(
-    "speechmesh_gateway_auth_overlapped_total",
-    "Calls whose handler ran while auth checked them, by auth's verdict.",
-    ["verdict"],
+# Auth refuses a larger cost in one call.
+MAX_CHARGE = 1000
+# A charge is small; one that takes longer than this is auth being away.
+CHARGE_DEADLINE_S = 2.0
+# A lease whose charge failed was verified "never": it admits nothing until auth answers.
+_NEVER = float("-inf")
+# Codes that mean auth could not answer, as opposed to auth saying no.
+_AUTH_AWAY = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
 )
-_ADMITTED = overlapped_total.labels("admitted")
-_REFUSED = overlapped_total.labels("refused")
+
+leased_total = Counter(
+    "speechmesh_gateway_auth_leased_total",
+    "Calls admitted on a lease of auth's verdict, without a round trip to auth.",
+)
+charges_total = Counter(
+    "speechmesh_gateway_auth_lease_charges_total",
+    "Batched charges of leased calls to auth, by outcome (charged; refused: the lease ended"
+    " and its calls went uncharged; failed: auth unreachable, charged later).",
+    ["outcome"],
+)
+_CHARGED, _REFUSED, _FAILED = (charges_total.labels(o) for o in ("charged", "refused", "failed"))
+
+Credential = tuple[str, str, str]  # api key, token, method
 
 
-def _fingerprint(api_key: str, token: str) -> bytes:
-    # Only a digest is kept between calls, not the secret itself.
-    return hashlib.blake2b(f"{api_key}\0{token}".encode(), digest_size=16).digest()
+@dataclass(slots=True)
+class Lease:
+    """Auth's last verdict on one credential for one method, and the calls admitted since."""
 
+    credential: Credential
+    key_id: str
+    verified_at: float  # monotonic time the verdict was asked for
+    answered_at: float  # and when it came back
+    quota: auth_pb2.Quota  # as auth reported it with that verdict
+    pending: int = 0  # admitted here, not yet charged
+    charging: int = 0  # in the charge now on its way to auth
+    charge: asyncio.Task[None] | None = None
 
-async def _after_the_handler_starts(
-    verdict: Awaitable[auth_pb2.AuthenticateResponse],
-) -> auth_pb2.AuthenticateResponse:
-    # One turn of the loop lets the handler send its downstream request first: auth's
-    # answer comes back long before the handler's work is done, so it waits either way.
-    await asyncio.sleep(0)
-    return await verdict
+    def spent(self) -> int:
+        """Calls admitted here that auth's last report does not include."""
+        return self.pending + self.charging
 
-
-class RecentAdmissions:
-    """Credentials auth accepted lately, with how many more calls their quota allowed then.
-
-    Bounded (least recently admitted dropped first); an entry expires after `window_s`.
-    """
-
-    def __init__(self, window_s: float, capacity: int = 10_000) -> None:
-        self.window_s = window_s
-        self.capacity = capacity
-        # fingerprint -> (admitted at, calls that may still overlap; None = no limit)
-        self._entries: collections.OrderedDict[bytes, tuple[float, int | None]] = (
-            collections.OrderedDict()
-        )
-
-    def take(self, fingerprint: bytes) -> bool:
-        """True when a call with this credential may overlap auth; spends one allowance."""
-        entry = self._entries.get(fingerprint)
-        if entry is None:
-            return False
-        admitted_at, allowance = entry
-        if time.monotonic() - admitted_at > self.window_s or allowance == 0:
-            del self._entries[fingerprint]
-            return False
-        if allowance is not None:
-            self._entries[fingerprint] = (admitted_at, allowance - 1)
-        return True
-
-    def admitted(self, fingerprint: bytes, quota: auth_pb2.Quota) -> None:
-        if not self.window_s:
-            return  # overlapping is off: nothing will ever be taken
+    def left(self) -> int | None:
+        """Calls the quota still allows as far as this replica knows; None: no limit."""
         limits = [
             remaining
             for limit, remaining in (
-                (quota.minute_limit, quota.minute_remaining),
-                (quota.day_limit, quota.day_remaining),
+                (self.quota.minute_limit, self.quota.minute_remaining),
+                (self.quota.day_limit, self.quota.day_remaining),
             )
             if limit
         ]
-        self._entries[fingerprint] = (time.monotonic(), min(limits) if limits else None)
-        self._entries.move_to_end(fingerprint)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        return min(limits) - self.spent() if limits else None
 
-    def refused(self, fingerprint: bytes) -> None:
-        self._entries.pop(fingerprint, None)
+    def observe(self, quota: auth_pb2.Quota, asked_at: float) -> None:
+        """Takes in a verdict auth has just given on this credential."""
+        if asked_at < self.answered_at:
+            # Asked before the verdict held came back: auth may have judged it first, so
+            # keep the lower of each count (counts only fall within a verdict's flight).
+            quota = auth_pb2.Quota(
+                minute_limit=quota.minute_limit,
+                minute_remaining=min(quota.minute_remaining, self.quota.minute_remaining),
+                day_limit=quota.day_limit,
+                day_remaining=min(quota.day_remaining, self.quota.day_remaining),
+            )
+        self.quota = quota
+        self.verified_at = max(self.verified_at, asked_at)
+        self.answered_at = time.monotonic()
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        quota, spent = self.quota, self.spent()
+        trailing = []
+        if quota.minute_limit:
+            trailing.append((REMAINING_MINUTE_HEADER, str(max(0, quota.minute_remaining - spent))))
+        if quota.day_limit:
+            trailing.append((REMAINING_DAY_HEADER, str(max(0, quota.day_remaining - spent))))
+        return tuple(trailing)
+
+
+class Leases:
+    """The leases this replica holds, bounded: at capacity, new verdicts are not leased."""
+
+    def __init__(self, lease_s: float, capacity: int = 10_000) -> None:
+        self.lease_s = lease_s
+        self.capacity = capacity
+        self._leases: dict[Credential, Lease] = {}
+        # Calls waiting for auth's verdict, by credential: auth may charge them after the
+        # verdict a lease holds, so a lease leaves room for them.
+        self.asking: collections.Counter[Credential] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def get(self, credential: Credential) -> Lease | None:
+        return self._leases.get(credential)
+
+    def admit(self, credential: Credential) -> Lease | None:
+        """The lease that admits one more call with this credential, or None: ask auth."""
+        lease = self._leases.get(credential)
+        if lease is None or time.monotonic() - lease.verified_at > self.lease_s:
+            return None
+        left = lease.left()
+        if left is not None and left - self.asking[credential] <= 0:
+            return None
+        lease.pending += 1
+        return lease
+
+    def grant(
+        self, credential: Credential, response: auth_pb2.AuthenticateResponse, asked_at: float
+    ) -> None:
+        lease = self._leases.get(credential)
+        if lease is not None:
+            lease.observe(response.quota, asked_at)
+        elif self.lease_s and len(self._leases) < self.capacity:
+            self._leases[credential] = Lease(
+                credential, response.principal.key_id, asked_at, time.monotonic(), response.quota
+            )
+
+    def drop(self, lease: Lease) -> None:
+        if self._leases.get(lease.credential) is lease:
+            del self._leases[lease.credential]
+
+    def revoke(self, key_id: str) -> None:
+        for lease in [lease for lease in self._leases.values() if lease.key_id == key_id]:
+            self.drop(lease)
+
+    def sweep(self) -> list[Lease]:
+        """Forgets expired leases with nothing left to charge; returns those with calls to
+        charge and no charge under way."""
+        now, due = time.monotonic(), []
+        for lease in list(self._leases.values()):
+            if lease.pending and lease.charge is None:
+                due.append(lease)
+            elif not lease.spent() and now - lease.verified_at > self.lease_s:
+                del self._leases[lease.credential]
+        return due
+
+    def all(self) -> list[Lease]:
+        return list(self._leases.values())
 
 
 class _AuthScope:
-    __slots__ = ("context", "fingerprint", "interceptor", "method", "overlappable", "pending")
+    __slots__ = ("context", "interceptor", "leasable", "method")
 
     def __init__(
-        self,
-        interceptor: AuthenticationInterceptor,
-        method: str,
-        overlappable: bool,
-        context: Any,
+        self, interceptor: AuthenticationInterceptor, method: str, leasable: bool, context: Any
     ) -> None:
         self.interceptor = interceptor
         self.method = method
-        self.overlappable = overlappable
+        self.leasable = leasable
         self.context = context
-        self.pending: asyncio.Future[auth_pb2.AuthenticateResponse] | None = None
 
     async def __aenter__(self) -> None:
         api_key, token = credentials_from_metadata(self.context.invocation_metadata())
@@ -135,53 +207,35 @@ class _AuthScope:
                 "no credential: send x-api-key or authorization: Bearer <token>",
                 reason="CREDENTIALS_MISSING",
             )
-        interceptor = self.interceptor
-        self.fingerprint = _fingerprint(api_key, token)
-        verdict: Awaitable[auth_pb2.AuthenticateResponse] = interceptor.auth.call(
-            interceptor.stub.Authenticate,
-            auth_pb2.AuthenticateRequest(api_key=api_key, token=token, method=self.method, cost=1),
-            Deadline.from_context(self.context, interceptor.default_deadline_s),
-        )
-        if self.overlappable and interceptor.admissions.take(self.fingerprint):
-            self.pending = asyncio.ensure_future(_after_the_handler_starts(verdict))
-            return
-        self._admit(await self._judged(verdict))
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        pending = self.pending
-        if pending is None:
-            return
-        if isinstance(exc, asyncio.CancelledError):
-            pending.cancel()  # the caller has gone: nobody waits for the verdict
-            with contextlib.suppress(BaseException):
-                await pending
-            return
+        interceptor, credential = self.interceptor, (api_key, token, self.method)
+        if self.leasable:
+            lease = interceptor.leases.admit(credential)
+            if lease is not None:
+                leased_total.inc()
+                self.context.set_trailing_metadata(lease.trailing_metadata())
+                return
+            lease = interceptor.leases.get(credential)
+            if lease is not None and lease.spent():
+                # Auth must count what the lease admitted before it judges one more call.
+                await interceptor.settle(lease)
+        asked_at = time.monotonic()
+        asking = interceptor.leases.asking
+        asking[credential] += 1
         try:
-            response = await self._judged(pending)
-        except BaseException:
-            _REFUSED.inc()
-            raise  # auth's refusal replaces whatever the handler answered
-        _ADMITTED.inc()
-        self._admit(response)
-
-    async def _judged(
-        self, verdict: Awaitable[auth_pb2.AuthenticateResponse]
-    ) -> auth_pb2.AuthenticateResponse:
-        try:
-            return await verdict
-        except Exception:
-            self.interceptor.admissions.refused(self.fingerprint)
-            raise
-
-    def _admit(self, response: auth_pb2.AuthenticateResponse) -> None:
-        quota = response.quota
-        self.interceptor.admissions.admitted(self.fingerprint, quota)
-        trailing = []
+            response = await interceptor.auth.call(
+                interceptor.stub.Authenticate,
+                auth_pb2.AuthenticateRequest(
+                    api_key=api_key, token=token, method=self.method, cost=1
+                ),
+                Deadline.from_context(self.context, interceptor.default_deadline_s),
+            )
+        finally:
+            asking[credential] -= 1
+            if not asking[credential]:
+                del asking[credential]
+        if self.leasable:
+            interceptor.leases.grant(credential, response, asked_at)
+        quota, trailing = response.quota, []
         if quota.minute_limit:
             trailing.append((REMAINING_MINUTE_HEADER, str(quota.minute_remaining)))
         if quota.day_limit:
@@ -189,25 +243,124 @@ class _AuthScope:
         if trailing:
             self.context.set_trailing_metadata(tuple(trailing))
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        return None
+
 
 class AuthenticationInterceptor(WrappingInterceptor):
     def __init__(
-        self, auth: Downstream, default_deadline_s: float, overlap_window_s: float
+        self,
+        auth: Downstream,
+        redis: Redis,
+        default_deadline_s: float,
+        lease_s: float,
+        charge_interval_s: float,
     ) -> None:
         super().__init__()
         self.auth = auth
+        self.redis = redis
         self.stub = auth_pb2_grpc.AuthServiceStub(auth.channel)
         self.default_deadline_s = default_deadline_s
-        self.admissions = RecentAdmissions(overlap_window_s)
+        self.charge_interval_s = charge_interval_s
+        self.leases = Leases(lease_s)
+        self._tasks: list[asyncio.Task[None]] = []
 
     def scope_for(self, method: str, handler: grpc.RpcMethodHandler) -> Scope | None:
         if method.startswith(INFRASTRUCTURE_PREFIXES):
             return None  # probes and grpcurl's reflection need no credential
-        # Only answers that can be withheld until auth's verdict: unary, public, read-only.
-        overlappable = (
-            self.admissions.window_s > 0
+        # Only calls without side effects beyond their answer, answered once: unary, public.
+        leasable = (
+            self.leases.lease_s > 0
             and method.startswith(PUBLIC_SERVICE_PREFIX)
             and not handler.request_streaming
             and not handler.response_streaming
         )
-        return lambda context: _AuthScope(self, method, overlappable, context)
+        return lambda context: _AuthScope(self, method, leasable, context)
+
+    async def start(self) -> None:
+        if self.leases.lease_s:
+            self._tasks = [
+                asyncio.create_task(self._charge_periodically()),
+                asyncio.create_task(self._follow_revocations()),
+            ]
+
+    async def stop(self) -> None:
+        """Stops leasing, then charges what the leases admitted (auth permitting)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.leases.lease_s = 0
+        for lease in self.leases.all():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.settle(lease), timeout=2.0)
+
+    async def settle(self, lease: Lease) -> None:
+        """Charges what `lease` admitted, so that auth counts it before it judges another
+        call. Best effort: if auth cannot be reached, the call it was to judge says so."""
+        while lease.charge is not None or lease.pending:
+            charge = lease.charge
+            if charge is None:
+                charge = lease.charge = asyncio.create_task(self._charge(lease))
+            await asyncio.shield(charge)  # one caller giving up must not cancel the charge
+            if self.leases.get(lease.credential) is not lease or lease.verified_at == _NEVER:
+                return
+
+    async def _charge(self, lease: Lease) -> None:
+        count = min(lease.pending, MAX_CHARGE)
+        lease.pending -= count
+        lease.charging = count
+        api_key, token, method = lease.credential
+        asked_at = time.monotonic()
+        try:
+            response = await self.auth.call(
+                self.stub.Authenticate,
+                auth_pb2.AuthenticateRequest(
+                    api_key=api_key, token=token, method=method, cost=count
+                ),
+                Deadline(asked_at + CHARGE_DEADLINE_S),
+            )
+        except (DownstreamError, Unavailable, DeadlineExceeded) as error:
+            if isinstance(error, DownstreamError) and error.code not in _AUTH_AWAY:
+                _REFUSED.inc()
+                log.warning(
+                    "lease ended: auth refused its charge",
+                    extra={"key_id": lease.key_id, "calls": count, "code": error.code.name},
+                )
+                self.leases.drop(lease)
+            else:
+                _FAILED.inc()
+                lease.pending += count  # charged at the next try
+                lease.verified_at = _NEVER  # and nothing more admitted until then
+        else:
+            _CHARGED.inc()
+            lease.observe(response.quota, asked_at)
+        finally:
+            lease.charging = 0
+            lease.charge = None
+
+    async def _charge_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.charge_interval_s)
+            for lease in self.leases.sweep():
+                lease.charge = asyncio.create_task(self._charge(lease))
+
+    async def _follow_revocations(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(REVOKED_KEYS_CHANNEL)
+                    while True:
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is not None:
+                            self.leases.revoke(message["data"].decode())
+            except Exception:  # Redis away, or anything else: this loop must not die
+                # Missed announcements only delay a revocation to the end of its leases.
+                log.warning("cannot follow key revocations; retrying", exc_info=True)
+                await asyncio.sleep(1.0)

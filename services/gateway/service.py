@@ -56,7 +56,11 @@ class GatewayService(GrpcService):
             self.downstreams, [speech_cache, text_cache], settings.downstream_health_timeout_s
         )
         self._authentication = AuthenticationInterceptor(
-            self.downstreams["auth"], settings.default_deadline_s, settings.auth_overlap_window_s
+            self.downstreams["auth"],
+            self.redis,
+            settings.default_deadline_s,
+            settings.auth_lease_s,
+            settings.auth_charge_interval_s,
         )
         self._breaker_sync: asyncio.Task[None] | None = None
 
@@ -68,11 +72,15 @@ class GatewayService(GrpcService):
             SpeechTranslationServicer(self.pipeline), server
         )
         gateway_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.downstreams["auth"], self.pipeline, self.status), server
+            AdminServicer(
+                self.downstreams["auth"], self.pipeline, self.status, self._authentication.leases
+            ),
+            server,
         )
 
     async def start(self) -> None:
         self._breaker_sync = asyncio.create_task(self._sync_breakers())
+        await self._authentication.start()
 
     async def _sync_breakers(self) -> None:
         while True:
@@ -86,6 +94,7 @@ class GatewayService(GrpcService):
         return await self.status.refresh()
 
     async def stop(self) -> None:
+        await self._authentication.stop()  # charges what leases admitted: auth still needed
         if self._breaker_sync:
             self._breaker_sync.cancel()
             with contextlib.suppress(asyncio.CancelledError):

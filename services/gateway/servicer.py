@@ -11,6 +11,7 @@ import grpc
 from services.common.credentials import credentials_from_metadata
 from services.common.errors import InvalidArgument, shown
 from services.common.languages import language_field
+from services.gateway.authn import Leases
 from services.gateway.downstream import Downstream
 from services.gateway.pipeline import Pipeline
 from services.gateway.status import MeshStatus
@@ -102,11 +103,14 @@ class SpeechTranslationServicer(gateway_pb2_grpc.SpeechTranslationServiceService
 class AdminServicer(gateway_pb2_grpc.AdminServiceServicer):
     """Admin calls; the authentication interceptor has already refused non-admins."""
 
-    def __init__(self, auth: Downstream, pipeline: Pipeline, status: MeshStatus) -> None:
+    def __init__(
+        self, auth: Downstream, pipeline: Pipeline, status: MeshStatus, leases: Leases
+    ) -> None:
         self.auth = auth
         self.auth_stub = auth_pb2_grpc.AuthServiceStub(auth.channel)
         self.pipeline = pipeline
         self.status = status
+        self.leases = leases
 
     def _forwarded_credentials(
         self, context: grpc.aio.ServicerContext
@@ -141,6 +145,8 @@ class AdminServicer(gateway_pb2_grpc.AdminServiceServicer):
             idempotent=True,
             metadata=self._forwarded_credentials(context),
         )
+        # Auth announces it to every replica too; this one need not wait for the echo.
+        self.leases.revoke(revoked.key.key_id)
         return gateway_pb2.RevokeApiKeyResponse(key=revoked.key)
 
     async def ListApiKeys(

@@ -36,13 +36,19 @@ class GatewaySettings(ServiceSettings):
     deadline_margin_s: float = Field(
         default=0.005, ge=0, description="Kept back from each downstream call for our own reply."
     )
-    auth_overlap_window_s: float = Field(
-        default=30.0,
+    auth_lease_s: float = Field(
+        default=1.0,
         ge=0,
         description=(
-            "For this long after auth accepted a credential, its unary public calls run while"
-            " auth checks them (the answer still waits for auth); 0 authenticates first always."
+            "For this long after auth's verdict on a credential, its unary public calls are"
+            " admitted without a round trip to auth (charged in batches, within the quota auth"
+            " reported); 0 authenticates every call first."
         ),
+    )
+    auth_charge_interval_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="How often calls admitted on leases are charged to auth (and re-verified).",
     )
     retry_max_attempts: int = Field(default=3, ge=1, le=10)
     retry_initial_backoff_s: float = Field(default=0.05, gt=0)

@@ -1,18 +1,24 @@
-"""The gateway's edge with the real auth service: every call authenticated, refusals
-passed through with their details, admin calls for admins only, fail closed."""
+"""The gateway's edge with the real auth service: every call authorized by auth (leased
+verdicts charged in batches), refusals passed through with their details, admin calls for
+admins only, fail closed."""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.common.testing import error_details, insecure_channel
-from speechmesh.auth.v1 import auth_pb2
-from speechmesh.gateway.v1 import gateway_pb2
+from services.common.testing import error_details, insecure_channel, running_service
+from services.gateway.service import GatewayService
+from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.auth.conftest import ADMIN
-from tests.gateway.conftest import Edge
+from tests.gateway.conftest import Edge, gateway_settings
+
+CHARGES = "speechmesh_gateway_auth_lease_charges_total"
 
 
 async def refused(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -63,60 +69,136 @@ async def test_quota_is_charged_per_request_and_reported(edge: Edge) -> None:
     assert details["QuotaFailure"].violations[0].subject.startswith("key:")
 
 
-def overlapped(verdict: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "speechmesh_gateway_auth_overlapped_total", {"verdict": verdict}
-    )
-    return value or 0.0
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def test_a_known_credential_runs_while_auth_checks_and_a_refusal_still_wins(
+def leased() -> float:
+    return sample("speechmesh_gateway_auth_leased_total")
+
+
+async def requests_today(edge: Edge, key: str) -> int:
+    """What auth has charged the key today."""
+    async with insecure_channel(edge.auth.port) as channel:
+        usage = await auth_pb2_grpc.AuthServiceStub(channel).GetUsage(
+            auth_pb2.GetUsageRequest(key_id=key.split("_")[1]), metadata=ADMIN
+        )
+    return usage.key.requests_today
+
+
+async def test_a_known_credential_is_leased_and_its_calls_charged_in_batches(
     edge: Edge,
 ) -> None:
+    key = await edge.create_key(auth_pb2.TIER_PRO)  # 200 a minute
+    meta = (("x-api-key", key),)
+    before, charges = leased(), sample(CHARGES, outcome="charged")
+    await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+    assert leased() == before  # first call: auth's verdict asked for
+    for expected_remaining in range(198, 178, -1):
+        call = edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+        await call
+        trailing = dict(await call.trailing_metadata())
+        assert trailing["x-ratelimit-remaining-minute"] == str(expected_remaining)
+    assert leased() == before + 20
+    # Charged within a charge interval or two (0.2 s), and in fewer calls than calls made.
+    for _ in range(50):
+        if await requests_today(edge, key) == 21:
+            break
+        await asyncio.sleep(0.05)
+    assert await requests_today(edge, key) == 21
+    assert 1 <= sample(CHARGES, outcome="charged") - charges < 20
+
+
+async def test_revoking_through_the_gateway_ends_the_lease_at_once(edge: Edge) -> None:
     key = await edge.create_key(auth_pb2.TIER_PRO)
     meta = (("x-api-key", key),)
-    admitted, refused_late = overlapped("admitted"), overlapped("refused")
-    await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
-    assert overlapped("admitted") == admitted  # first call: authenticated before the handler
-    call = edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
-    await call
-    assert overlapped("admitted") == admitted + 1
-    assert dict(await call.trailing_metadata())["x-ratelimit-remaining-minute"] == "198"
-
+    for _ in range(2):
+        await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
     await edge.admin.RevokeApiKey(
         gateway_pb2.RevokeApiKeyRequest(key_id=key.split("_")[1]), metadata=ADMIN
     )
-    # The handler would refuse this target as INVALID_ARGUMENT; auth's verdict wins, and
-    # says nothing about the request to a caller it does not know.
-    bad_target = gateway_pb2.TranslateTextRequest(texts=["hi"], target_language="not a language!")
     error = await refused(
-        edge.public.TranslateText(bad_target, metadata=meta), grpc.StatusCode.UNAUTHENTICATED
+        edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta),
+        grpc.StatusCode.UNAUTHENTICATED,
     )
     assert error_details(error)["ErrorInfo"].reason == "API_KEY_REVOKED"
-    assert overlapped("refused") == refused_late + 1
-    await refused(
-        edge.public.TranslateText(bad_target, metadata=meta), grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_revocation_announced_by_auth_ends_the_lease(
+    edge: Edge, redis_url: str, redis_prefix: str
+) -> None:
+    """Revoked at auth directly (as another replica's admin call would be): the lease, long
+    and not due a charge, ends when auth's announcement arrives."""
+    settings = gateway_settings(
+        redis_url,
+        redis_prefix,
+        auth_target=f"127.0.0.1:{edge.auth.port}",
+        auth_lease_s=60.0,
+        auth_charge_interval_s=60.0,
     )
-    assert overlapped("refused") == refused_late + 1  # refused once: authenticated first again
+    key = await edge.create_key(auth_pb2.TIER_PRO)
+    meta = (("x-api-key", key),)
+    async with (
+        running_service(GatewayService(settings), settings) as gateway,
+        insecure_channel(gateway.port) as channel,
+        insecure_channel(edge.auth.port) as auth_channel,
+    ):
+        public = gateway_pb2_grpc.SpeechTranslationServiceStub(channel)
+        before = leased()
+        for _ in range(2):
+            await public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+        assert leased() == before + 1
+        await auth_pb2_grpc.AuthServiceStub(auth_channel).RevokeApiKey(
+            auth_pb2.RevokeApiKeyRequest(key_id=key.split("_")[1]), metadata=ADMIN
+        )
+        await asyncio.sleep(0.2)  # the announcement's way through Redis
+        await refused(
+            public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        assert leased() == before + 1
 
 
-async def test_a_spent_quota_is_never_overlapped(edge: Edge) -> None:
+async def test_a_lease_never_admits_past_the_quota(edge: Edge) -> None:
     key = await edge.create_key(auth_pb2.TIER_FREE)  # 10 a minute
     meta = (("x-api-key", key),)
-    admitted, refused_late = overlapped("admitted"), overlapped("refused")
+    before = leased()
     for _ in range(10):
         await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
-    assert overlapped("admitted") == admitted + 9
-    await refused(
+    assert leased() == before + 9
+    # The 11th goes to auth, after the leased calls were charged: auth refuses it.
+    error = await refused(
         edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
-    assert overlapped("refused") == refused_late
+    assert error_details(error)["ErrorInfo"].reason == "RATE_LIMITED"
+    assert await requests_today(edge, key) == 10
+
+
+async def test_concurrent_first_calls_never_lease_past_the_quota(edge: Edge) -> None:
+    """Calls that reach auth together are charged in an order the gateway cannot see; the
+    lease leaves room for those still waiting, so a burst gets exactly the quota."""
+    key = await edge.create_key(auth_pb2.TIER_FREE)  # 10 a minute
+    meta = (("x-api-key", key),)
+
+    async def call() -> bool:
+        try:
+            await edge.public.ListLanguages(gateway_pb2.ListLanguagesRequest(), metadata=meta)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            return False
+        return True
+
+    async def staggered(index: int) -> bool:
+        await asyncio.sleep(index * 0.0005)  # arriving while earlier verdicts are on their way
+        return await call()
+
+    admitted = sum(await asyncio.gather(*(staggered(i) for i in range(30))))
+    assert admitted == 10
+    assert await requests_today(edge, key) == 10
 
 
 async def test_jwt_works_at_the_edge(edge: Edge) -> None:
-    from speechmesh.auth.v1 import auth_pb2_grpc
-
     key = await edge.create_key(auth_pb2.TIER_PRO)
     async with insecure_channel(edge.auth.port) as channel:
         token = (
@@ -185,15 +267,18 @@ async def test_auth_down_fails_closed(edge: Edge) -> None:
     known = await edge.create_key(auth_pb2.TIER_PRO)
     unknown = await edge.create_key(auth_pb2.TIER_PRO)
     request = gateway_pb2.ListLanguagesRequest()
-    await edge.public.ListLanguages(request, metadata=(("x-api-key", known),))
+    for _ in range(2):  # the second leased, so there is a charge to fail
+        await edge.public.ListLanguages(request, metadata=(("x-api-key", known),))
     await edge.auth.stop()
-    # Both paths fail closed: authenticated first (unknown) and overlapped (known).
+    await asyncio.sleep(0.5)  # past a charge interval: the lease's charge has failed
+    # Both fail closed: a credential auth never saw, and one whose lease could not charge.
     for key in (unknown, known):
         error = await refused(
             edge.public.ListLanguages(request, metadata=(("x-api-key", key),)),
             grpc.StatusCode.UNAVAILABLE,
         )
-        assert error_details(error)["ErrorInfo"].reason == "AUTH_ERROR"
+        # The failed charges may have opened auth's breaker already.
+        assert error_details(error)["ErrorInfo"].reason in {"AUTH_ERROR", "CIRCUIT_OPEN"}
 
 
 async def test_bad_requests_are_refused_before_any_downstream(edge: Edge) -> None:

@@ -34,6 +34,7 @@ import pytest
 import soundfile
 
 from services.common.testing import error_details
+from services.gateway.settings import GatewaySettings
 from speechmesh.asr.v1 import asr_pb2
 from speechmesh.auth.v1 import auth_pb2
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -45,6 +46,8 @@ pytestmark = pytest.mark.models
 
 BREAKER_RESET_S = 1.0
 SLACK_S = 0.75  # how far past its deadline a call may end before it counts as hung
+# How long the gateway may go on admitting a credential auth accepted before it went away.
+LEASE_S = GatewaySettings.model_fields["auth_lease_s"].default
 STEADY_S = 1.5  # recovered: this long with nothing but successes
 RECOVERY_LIMIT_S = 60.0
 CLOSED, OPEN, HALF_OPEN = 0.0, 1.0, 2.0
@@ -615,8 +618,8 @@ async def test_kill_asr_under_load(
 async def test_kill_auth_under_load(
     mesh: Mesh, channel: grpc.aio.Channel, pytestconfig: pytest.Config
 ) -> None:
-    """Without auth nothing gets through (UNAVAILABLE, fail closed, never a call let in);
-    with auth back, everything works again."""
+    """Without auth nothing gets through (UNAVAILABLE, fail closed) once the leases of
+    auth's last verdicts have run out; with auth back, everything works again."""
     metadata = await user(channel)
     load = Load({"text": Caller(text_call(channel, metadata), workers=3, deadline_s=5)}).start()
     breakers = Breakers(mesh).start()
@@ -641,7 +644,7 @@ async def test_kill_auth_under_load(
         await load.stop()
         await breakers.stop()
     load.check({"text": {"UNAVAILABLE"}})
-    locked_out = load.of(since=killed, until=fault.restored)
+    locked_out = load.of(since=killed + LEASE_S, until=fault.restored)
     assert locked_out and not any(c.ok for c in locked_out), "a call got in without auth"
     assert breakers.opened("auth", fault.injected) is not None, "the auth breaker never opened"
     fault.report(pytestconfig, f"; {len(locked_out)} calls refused while auth was dead")
@@ -758,8 +761,8 @@ async def test_asr_frozen_past_the_callers_deadline(
 async def test_auth_frozen_past_the_callers_deadline(
     mesh: Mesh, channel: grpc.aio.Channel, pytestconfig: pytest.Config
 ) -> None:
-    """auth stops answering: every call ends by its deadline without getting in;
-    SIGCONT: recovered."""
+    """auth stops answering: once the leases of its last verdicts have run out, every call
+    ends by its deadline without getting in; SIGCONT: recovered."""
     metadata = await user(channel)
     load = Load({"text": Caller(text_call(channel, metadata), workers=3, deadline_s=1.5)}).start()
     breakers = Breakers(mesh).start()
@@ -779,7 +782,7 @@ async def test_auth_frozen_past_the_callers_deadline(
         await load.stop()
         await breakers.stop()
     load.check({"text": {"DEADLINE_EXCEEDED", "UNAVAILABLE"}})
-    during = load.of(since=fault.injected + 0.2, until=fault.restored)
+    during = load.of(since=fault.injected + LEASE_S, until=fault.restored)
     assert during and not any(c.ok for c in during), "a call got in without auth"
     opened = breakers.opened("auth", fault.injected)  # see test_a_frozen_downstream_opens...
     fault.report(
