@@ -138,9 +138,6 @@ class Leases:
         # verdict a lease holds, so a lease leaves room for them.
         self.asking: collections.Counter[Credential] = collections.Counter()
 
-    def __len__(self) -> int:
-        return len(self._leases)
-
     def get(self, credential: Credential) -> Lease | None:
         return self._leases.get(credential)
 
