@@ -117,14 +117,16 @@ class Lease:
         self.verified_at = max(self.verified_at, asked_at)
         self.answered_at = time.monotonic()
 
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        quota, spent = self.quota, self.spent()
-        trailing = []
-        if quota.minute_limit:
-            trailing.append((REMAINING_MINUTE_HEADER, str(max(0, quota.minute_remaining - spent))))
-        if quota.day_limit:
-            trailing.append((REMAINING_DAY_HEADER, str(max(0, quota.day_remaining - spent))))
-        return tuple(trailing)
+
+def quota_trailers(quota: auth_pb2.Quota, spent: int = 0) -> tuple[tuple[str, str], ...]:
+    """The remaining quota for the caller's trailing metadata, less `spent` calls auth has
+    not counted yet."""
+    trailing = []
+    if quota.minute_limit:
+        trailing.append((REMAINING_MINUTE_HEADER, str(max(0, quota.minute_remaining - spent))))
+    if quota.day_limit:
+        trailing.append((REMAINING_DAY_HEADER, str(max(0, quota.day_remaining - spent))))
+    return tuple(trailing)
 
 
 class Leases:
@@ -209,7 +211,7 @@ class _AuthScope:
             lease = interceptor.leases.admit(credential)
             if lease is not None:
                 leased_total.inc()
-                self.context.set_trailing_metadata(lease.trailing_metadata())
+                self.context.set_trailing_metadata(quota_trailers(lease.quota, lease.spent()))
                 return
             lease = interceptor.leases.get(credential)
             if lease is not None and lease.spent():
@@ -232,13 +234,8 @@ class _AuthScope:
                 del asking[credential]
         if self.leasable:
             interceptor.leases.grant(credential, response, asked_at)
-        quota, trailing = response.quota, []
-        if quota.minute_limit:
-            trailing.append((REMAINING_MINUTE_HEADER, str(quota.minute_remaining)))
-        if quota.day_limit:
-            trailing.append((REMAINING_DAY_HEADER, str(quota.day_remaining)))
-        if trailing:
-            self.context.set_trailing_metadata(tuple(trailing))
+        if trailing := quota_trailers(response.quota):
+            self.context.set_trailing_metadata(trailing)
 
     async def __aexit__(
         self,
