@@ -13,7 +13,7 @@ gateway, each its own process, as deployed; every cache off, so each call does t
      alternating, median of the runs.
    Added latency = gateway - direct (p50 and p99); throughput ratio = gateway calls/s ÷
    direct calls/s. Auth's own Authenticate round trip, called directly, and ListLanguages
-   through the gateway (auth plus an answer from the gateway's memory) are printed beside
+   through the gateway (leased, answered from the gateway's memory) are printed beside
    them: the floor of what the edge adds, and the edge alone. So is a bare grpc.aio proxy in
    front of mt (bench/bare_proxy.py: bytes forwarded unparsed, nothing else), paired with
    direct calls the same way: the least any Python gRPC hop adds here; and a second gateway
@@ -295,6 +295,15 @@ def _met(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
+def _print_paired_row(label: str, direct: LoadResult, via: LoadResult, note: str) -> None:
+    """One caller's row for a path measured in pairs with direct calls."""
+    print(
+        f"{1:>4} {label:<22} | {via.rate:>8.1f} {via.p50_ms:>7.2f} {via.p99_ms:>7.2f} | "
+        f"{via.p50_ms - direct.p50_ms:>9.2f} {via.p99_ms - direct.p99_ms:>9.2f} | "
+        f"(paired median {paired_differences(direct, via).p50_ms:.2f}: {note})"
+    )
+
+
 def report(results: Results, audio_s: float) -> None:
     direct_1, gateway_1 = results.direct_1, results.gateway_1
     auth_1, auth_16, edge_1, edge_16 = (
@@ -308,7 +317,6 @@ def report(results: Results, audio_s: float) -> None:
     assert bare_direct_1 and bare_proxy_1
     runs = results.runs_16
     differences = paired_differences(direct_1, gateway_1)
-    bare_differences = paired_differences(bare_direct_1, bare_proxy_1)
 
     print(
         f"\n1. TranslateText en→pt, one sentence per call ({len(sentences())} sentences), "
@@ -336,22 +344,16 @@ def report(results: Results, audio_s: float) -> None:
         f"{differences.p99_ms:>7.2f} | (gateway - direct, per sentence, "
         f"{differences.calls} pairs)"
     )
-    print(
-        f"{1:>4} {'bare grpc.aio proxy':<22} | {bare_proxy_1.rate:>8.1f} "
-        f"{bare_proxy_1.p50_ms:>7.2f} {bare_proxy_1.p99_ms:>7.2f} | "
-        f"{bare_proxy_1.p50_ms - bare_direct_1.p50_ms:>9.2f} "
-        f"{bare_proxy_1.p99_ms - bare_direct_1.p99_ms:>9.2f} | "
-        f"(paired median {bare_differences.p50_ms:.2f}: the hop alone, bytes in, bytes out)"
-    )
     unleased_direct_1, unleased_1 = results.unleased_direct_1, results.unleased_1
     assert unleased_direct_1 and unleased_1
-    print(
-        f"{1:>4} {'gateway, no leases':<22} | {unleased_1.rate:>8.1f} "
-        f"{unleased_1.p50_ms:>7.2f} {unleased_1.p99_ms:>7.2f} | "
-        f"{unleased_1.p50_ms - unleased_direct_1.p50_ms:>9.2f} "
-        f"{unleased_1.p99_ms - unleased_direct_1.p99_ms:>9.2f} | "
-        f"(paired median {paired_differences(unleased_direct_1, unleased_1).p50_ms:.2f}: "
-        "auth_lease_s=0, a round trip to auth first on every call)"
+    _print_paired_row(
+        "bare grpc.aio proxy", bare_direct_1, bare_proxy_1, "the hop alone, bytes in, bytes out"
+    )
+    _print_paired_row(
+        "gateway, no leases",
+        unleased_direct_1,
+        unleased_1,
+        "auth_lease_s=0, a round trip to auth first on every call",
     )
     print(
         f"{1:>4} {'auth Authenticate':<22} | {auth_1.rate:>8.0f} {auth_1.p50_ms:>7.2f} "

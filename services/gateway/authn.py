@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -138,7 +139,7 @@ class Leases:
         self._leases: dict[Credential, Lease] = {}
         # Calls waiting for auth's verdict, by credential: auth may charge them after the
         # verdict a lease holds, so a lease leaves room for them.
-        self.asking: collections.Counter[Credential] = collections.Counter()
+        self._asking: collections.Counter[Credential] = collections.Counter()
 
     def get(self, credential: Credential) -> Lease | None:
         return self._leases.get(credential)
@@ -149,10 +150,21 @@ class Leases:
         if lease is None or time.monotonic() - lease.verified_at > self.lease_s:
             return None
         left = lease.left()
-        if left is not None and left - self.asking[credential] <= 0:
+        if left is not None and left - self._asking[credential] <= 0:
             return None
         lease.pending += 1
         return lease
+
+    @contextlib.contextmanager
+    def asking(self, credential: Credential) -> Iterator[None]:
+        """Entered while a call with `credential` waits for auth's verdict."""
+        self._asking[credential] += 1
+        try:
+            yield
+        finally:
+            self._asking[credential] -= 1
+            if not self._asking[credential]:
+                del self._asking[credential]
 
     def grant(
         self, credential: Credential, response: auth_pb2.AuthenticateResponse, asked_at: float
@@ -218,9 +230,8 @@ class _AuthScope:
                 # Auth must count what the lease admitted before it judges one more call.
                 await interceptor.settle(lease)
         asked_at = time.monotonic()
-        asking = interceptor.leases.asking
-        asking[credential] += 1
-        try:
+        leases = interceptor.leases
+        with leases.asking(credential) if self.leasable else contextlib.nullcontext():
             response = await interceptor.auth.call(
                 interceptor.stub.Authenticate,
                 auth_pb2.AuthenticateRequest(
@@ -228,12 +239,8 @@ class _AuthScope:
                 ),
                 Deadline.from_context(self.context, interceptor.default_deadline_s),
             )
-        finally:
-            asking[credential] -= 1
-            if not asking[credential]:
-                del asking[credential]
         if self.leasable:
-            interceptor.leases.grant(credential, response, asked_at)
+            leases.grant(credential, response, asked_at)
         if trailing := quota_trailers(response.quota):
             self.context.set_trailing_metadata(trailing)
 
@@ -293,18 +300,22 @@ class AuthenticationInterceptor(WrappingInterceptor):
         self.leases.lease_s = 0
         for lease in self.leases.all():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.settle(lease), timeout=2.0)
+                await asyncio.wait_for(self.settle(lease), timeout=CHARGE_DEADLINE_S)
 
     async def settle(self, lease: Lease) -> None:
         """Charges what `lease` admitted, so that auth counts it before it judges another
         call. Best effort: if auth cannot be reached, the call it was to judge says so."""
         while lease.charge is not None or lease.pending:
-            charge = lease.charge
-            if charge is None:
-                charge = lease.charge = asyncio.create_task(self._charge(lease))
-            await asyncio.shield(charge)  # one caller giving up must not cancel the charge
+            # One caller giving up must not cancel the charge.
+            await asyncio.shield(self._charging(lease))
             if self.leases.get(lease.credential) is not lease or lease.verified_at == _NEVER:
                 return
+
+    def _charging(self, lease: Lease) -> asyncio.Task[None]:
+        """The charge of `lease` under way, started if there is none."""
+        if lease.charge is None:
+            lease.charge = asyncio.create_task(self._charge(lease))
+        return lease.charge
 
     async def _charge(self, lease: Lease) -> None:
         count = min(lease.pending, MAX_CHARGE)
@@ -343,7 +354,7 @@ class AuthenticationInterceptor(WrappingInterceptor):
         while True:
             await asyncio.sleep(self.charge_interval_s)
             for lease in self.leases.sweep():
-                lease.charge = asyncio.create_task(self._charge(lease))
+                self._charging(lease)
 
     async def _follow_revocations(self) -> None:
         while True:

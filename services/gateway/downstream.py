@@ -160,9 +160,7 @@ class Downstream:
                 )
             self.channel = grpc.aio.secure_channel(target, credentials, options=options)
 
-    def _retryable(self, idempotent: bool) -> Callable[[BaseException], bool]:
-        codes = _IDEMPOTENT_RETRYABLE if idempotent else _RETRYABLE
-
+    def _retryable(self, codes: frozenset[grpc.StatusCode]) -> Callable[[BaseException], bool]:
         def retryable(error: BaseException) -> bool:
             if not (isinstance(error, grpc.aio.AioRpcError) and error.code() in codes):
                 return False
@@ -187,17 +185,18 @@ class Downstream:
         self.budget.record_request()
         started = time.perf_counter()
         code = "OK"
+        retryable_codes = _IDEMPOTENT_RETRYABLE if idempotent else _RETRYABLE
         try:
             try:
                 # Most calls succeed first time: tenacity's machinery (~80 µs a call here)
                 # only starts once an attempt has failed in a way worth retrying.
                 return await self._attempt(method, request, deadline, metadata)
             except grpc.aio.AioRpcError as error:
-                if error.code() not in (_IDEMPOTENT_RETRYABLE if idempotent else _RETRYABLE):
+                if error.code() not in retryable_codes:
                     raise
                 first_failure: BaseException | None = error
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(self._retryable(idempotent)),
+                retry=retry_if_exception(self._retryable(retryable_codes)),
                 stop=stop_any(
                     stop_after_attempt(self.settings.retry_max_attempts),
                     StopAtDeadline(deadline, self.settings.deadline_margin_s),
