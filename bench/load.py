@@ -273,7 +273,8 @@ async def closed_loop_for(
             call = calls[rng.choices(names, weights)[0]]
             began = time.perf_counter()
             try:
-                await asyncio.wait_for(call(index, deadline_s), deadline_s + 5)
+                async with asyncio.timeout(deadline_s + 5):
+                    await call(index, deadline_s)
             except grpc.aio.AioRpcError as error:
                 codes[error.code().name] += 1
             except TimeoutError:

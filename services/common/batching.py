@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.common.tasks import stop_tasks
 
 log = logging.getLogger("speechmesh.batching")
 
@@ -96,11 +97,8 @@ class DynamicBatcher(Generic[In, Out]):
             self._worker = asyncio.create_task(self._work(), name=f"{self.name}-batcher")
 
     async def stop(self) -> None:
-        if self._worker:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        await stop_tasks(self._worker)
+        self._worker = None
         for queue in self._queues.values():
             for pending in queue:
                 if not pending.future.done():
@@ -175,7 +173,8 @@ class DynamicBatcher(Generic[In, Out]):
                     break
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
             batch = self._take(key)
             if not batch:
                 continue

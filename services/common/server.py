@@ -19,6 +19,7 @@ from services.common.interceptors import server_interceptors
 from services.common.logs import configure_logging
 from services.common.metrics import serve_metrics
 from services.common.settings import ServiceSettings
+from services.common.tasks import stop_tasks
 from services.common.tls import server_credentials
 
 log = logging.getLogger("speechmesh.server")
@@ -130,9 +131,8 @@ class Runtime:
 
     async def _update_readiness(self) -> None:
         try:
-            ready = await asyncio.wait_for(
-                self.service.is_ready(), timeout=max(self.settings.health_interval_s, 1.0)
-            )
+            async with asyncio.timeout(max(self.settings.health_interval_s, 1.0)):
+                ready = await self.service.is_ready()
         except Exception:
             log.warning("readiness check failed", exc_info=True)
             ready = False
@@ -143,7 +143,8 @@ class Runtime:
         requested = self.service._health_check_requested
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(requested.wait(), self.settings.health_interval_s)
+                async with asyncio.timeout(self.settings.health_interval_s):
+                    await requested.wait()
             requested.clear()
             await self._update_readiness()
 
@@ -157,10 +158,7 @@ class Runtime:
         await self.health.enter_graceful_shutdown()
         if self.settings.shutdown_delay_s:
             await asyncio.sleep(self.settings.shutdown_delay_s)
-        if self._readiness_task:
-            self._readiness_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness_task
+        await stop_tasks(self._readiness_task)
         await self.server.stop(grace)
         await self.service.stop()
         log.info("stopped")

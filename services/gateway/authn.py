@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from services.common.credentials import REVOKED_KEYS_CHANNEL, credentials_from_metadata
 from services.common.errors import DeadlineExceeded, DownstreamError, Unauthenticated, Unavailable
 from services.common.interceptors import INFRASTRUCTURE_PREFIXES, Scope, WrappingInterceptor
+from services.common.tasks import stop_tasks
 from services.gateway.downstream import Deadline, Downstream
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from speechmesh.gateway.v1 import gateway_pb2
@@ -292,15 +293,12 @@ class AuthenticationInterceptor(WrappingInterceptor):
 
     async def stop(self) -> None:
         """Stops leasing, then charges what the leases admitted (auth permitting)."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(*self._tasks)
         self.leases.lease_s = 0
         for lease in self.leases.all():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.settle(lease), timeout=CHARGE_DEADLINE_S)
+                async with asyncio.timeout(CHARGE_DEADLINE_S):
+                    await self.settle(lease)
 
     async def settle(self, lease: Lease) -> None:
         """Charges what `lease` admitted, so that auth counts it before it judges another

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 
 import grpc
@@ -11,6 +10,7 @@ import grpc
 from services.common.cache import RedisCache
 from services.common.redis import connect_redis
 from services.common.server import GrpcService
+from services.common.tasks import stop_tasks
 from services.gateway.authn import AuthenticationInterceptor
 from services.gateway.downstream import Downstream, RetryBudget
 from services.gateway.pipeline import Pipeline
@@ -95,10 +95,7 @@ class GatewayService(GrpcService):
 
     async def stop(self) -> None:
         await self._authentication.stop()  # charges what leases admitted: auth still needed
-        if self._breaker_sync:
-            self._breaker_sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._breaker_sync
+        await stop_tasks(self._breaker_sync)
         for downstream in self.downstreams.values():
             await downstream.close()
         await self.redis.aclose()

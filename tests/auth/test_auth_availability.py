@@ -140,7 +140,8 @@ def _run_drain(server: RedisServer, redis_prefix: str) -> None:
 
 async def _drain_scenario(port: int, server: RedisServer, process: subprocess.Popen[bytes]) -> None:
     async with insecure_channel(port) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 20)
+        async with asyncio.timeout(20):
+            await channel.channel_ready()
         health = health_pb2_grpc.HealthStub(channel)
         await wait_for_status(health, AUTH_SERVICE, health_pb2.HealthCheckResponse.SERVING, 20)
         stub = auth_pb2_grpc.AuthServiceStub(channel)

@@ -110,3 +110,21 @@ async def test_items_past_their_deadline_or_cancelled_are_dropped() -> None:
     finally:
         await b.stop()
     assert [items for _, items in model.batches] == [[1]]
+
+
+async def test_stop_ends_the_worker_even_as_an_item_arrives() -> None:
+    """Python 3.11's asyncio.wait_for drops a cancellation that lands in the same loop
+    iteration as the awaited event: stop() then waited for the worker forever (a CI run
+    hung 300 s in an mt test's teardown). An item that wakes the filling worker just as
+    stop() cancels it is that race, every time."""
+    b = batcher(SlowDoubler(), max_wait_s=10.0)
+    b.start()
+    first = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.01)  # the worker is waiting for the batch to fill
+    second = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0)  # the second item wakes the worker...
+    async with asyncio.timeout(5):
+        await b.stop()  # ...in the iteration that cancels it
+    for caller in (first, second):
+        with pytest.raises(Exception, match="shutting down"):
+            await caller

@@ -166,10 +166,8 @@ class Load:
             self.issued += 1
             record = Call(kind, time.monotonic())
             try:
-                response = await asyncio.wait_for(
-                    caller.call(next(self._index), caller.deadline_s),
-                    caller.deadline_s + SLACK_S,
-                )
+                async with asyncio.timeout(caller.deadline_s + SLACK_S):
+                    response = await caller.call(next(self._index), caller.deadline_s)
                 record.degraded = any(
                     s.state == gateway_pb2.STAGE_STATE_UNAVAILABLE
                     for s in getattr(response, "stages", ())
