@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := redis-server espeak-ng sox
 PYTEST_ARGS ?=
 
 .PHONY: help setup system-deps venv protos models run run-auth run-asr run-mt run-gateway \
-        test test-fast lint bench-auth bench-mt bench-asr bench-gateway chaos fuzz load soak helm-lint clean
+        test test-fast lint bench-auth bench-mt bench-asr bench-asr-windows bench-gateway chaos fuzz load soak helm-lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ bench-mt: system-deps protos models ## MT sentences/s over gRPC vs the native en
 
 bench-asr: system-deps protos models ## ASR real-time factor vs ctranslate2 and PyTorch; streaming latency; RSS
 	$(PY) bench/bench_asr.py
+
+bench-asr-windows: system-deps protos models ## Streamed utterances: decode time and WER by encoder window width
+	$(PY) bench/bench_asr_windows.py
 
 bench-gateway: system-deps protos models ## The edge's added latency and throughput cost; end-to-end speech latency
 	$(PY) bench/bench_gateway.py

@@ -47,11 +47,12 @@ class AsrSettings(ServiceSettings):
         default=1.0, gt=0, description="Speech between two interim results of a stream."
     )
     stream_window_margin_s: float = Field(
-        default=0.0,
+        default=5.0,
         ge=0,
         description="Streams only: encode an utterance in a window of its length plus this "
-        "margin instead of Whisper's 30 s (about 3x less work on short utterances; results "
-        "can differ slightly, degenerate ones are redone in 30 s). 0 keeps 30 s windows.",
+        "margin instead of Whisper's 30 s (about 3x less work on short utterances; "
+        "degenerate results are redone in 30 s). 0 keeps 30 s windows. Margins under 3 s "
+        "have many results redone (`make bench-asr-windows`).",
     )
     max_utterance_s: float = Field(
         default=30.0, gt=0, le=30, description="A longer utterance is finalized and continued."

@@ -28,6 +28,7 @@ from services.asr.build_models import (
     whisper_sources,
 )
 from services.asr.ct2_reader import read_ct2
+from services.asr.settings import AsrSettings
 from services.asr.whisper_onnx import Transcription, WhisperOnnx, looks_degenerate
 from tests.asr.wer import word_error_rate
 from tests.speech import BECKETT, ENGLISH, RATE, TWO_CITIES
@@ -157,7 +158,11 @@ def test_onnx_fp32_chooses_ctranslate2_tokens(
 
 
 @pytest.mark.models
-@pytest.mark.parametrize("margin_s", [None, 1.0], ids=["30s-window", "short-window"])
+@pytest.mark.parametrize(
+    "margin_s",
+    [None, 1.0, AsrSettings.model_fields["stream_window_margin_s"].default],
+    ids=["30s-window", "1s-margin", "default-margin"],
+)
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_int8_word_error_rate(
     name: str,
