@@ -292,13 +292,15 @@ class AuthenticationInterceptor(WrappingInterceptor):
             ]
 
     async def stop(self) -> None:
-        """Stops leasing, then charges what the leases admitted (auth permitting)."""
+        """Stops leasing, then charges what the leases admitted (auth permitting), all at
+        once: shutdown waits CHARGE_DEADLINE_S at most, however many leases there are."""
         await stop_tasks(*self._tasks)
         self.leases.lease_s = 0
-        for lease in self.leases.all():
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CHARGE_DEADLINE_S):
-                    await self.settle(lease)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CHARGE_DEADLINE_S):
+                await asyncio.gather(
+                    *(self.settle(lease) for lease in self.leases.all()), return_exceptions=True
+                )
 
     async def settle(self, lease: Lease) -> None:
         """Charges what `lease` admitted, so that auth counts it before it judges another

@@ -5,13 +5,17 @@ admins only, fail closed."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from services.common.redis import connect_redis
 from services.common.testing import error_details, insecure_channel, running_service
+from services.gateway.authn import CHARGE_DEADLINE_S, AuthenticationInterceptor
+from services.gateway.downstream import Downstream, RetryBudget
 from services.gateway.service import GatewayService
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -19,6 +23,7 @@ from tests.auth.conftest import ADMIN
 from tests.gateway.conftest import Edge, gateway_settings
 
 CHARGES = "speechmesh_gateway_auth_lease_charges_total"
+AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 
 
 async def refused(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -313,3 +318,43 @@ async def test_invalid_utf8_is_refused_naming_the_field(edge: Edge) -> None:
     )
     error = await refused(call(raw, metadata=ADMIN), grpc.StatusCode.INVALID_ARGUMENT)
     assert error_details(error)["BadRequest"].field_violations[0].field == "texts[0]"
+
+
+async def test_shutdown_charges_every_lease_within_one_charge_deadline(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """At shutdown the leases' uncharged calls go to auth. An auth that never answers holds
+    that up CHARGE_DEADLINE_S in all, not that much per lease."""
+    asked: list[int] = []
+
+    async def never_answers(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        asked.append(auth_pb2.AuthenticateRequest.FromString(request).cost)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    handler = grpc.unary_unary_rpc_method_handler(never_answers)
+    silent = grpc.aio.server()
+    silent.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(AUTH_SERVICE, {"Authenticate": handler}),)
+    )
+    port = silent.add_insecure_port("127.0.0.1:0")
+    await silent.start()
+    settings = gateway_settings(redis_url, redis_prefix, auth_target=f"127.0.0.1:{port}")
+    auth = Downstream("auth", settings.auth_target, settings, RetryBudget(0.2))
+    redis = connect_redis(redis_url)
+    interceptor = AuthenticationInterceptor(auth, redis, 5.0, lease_s=60, charge_interval_s=60)
+    try:
+        verdict = auth_pb2.AuthenticateResponse(principal=auth_pb2.Principal(key_id="k"))
+        for key in ("a", "b", "c"):
+            credential = (key, "", "/m")
+            interceptor.leases.grant(credential, verdict, time.monotonic())
+            assert interceptor.leases.admit(credential) is not None
+        began = time.monotonic()
+        await interceptor.stop()
+        took = time.monotonic() - began
+    finally:
+        await auth.close()
+        await redis.aclose()
+        await silent.stop(0)
+    assert asked == [1, 1, 1]  # every lease's call was sent to be charged
+    assert took < 2 * CHARGE_DEADLINE_S, f"shutdown took {took:.1f} s"
