@@ -109,7 +109,13 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             raise InvalidArgument.field("config", "the first message must carry the config")
         language = language_field("config.language", first.config.language)
         task = task_of(first.config.task, "config.task")
-        config = stream_config(first.config, language, task, self.settings.silence_duration_s)
+        config = stream_config(
+            first.config,
+            language,
+            task,
+            self.settings.silence_duration_s,
+            self.settings.sentence_end_silence_s,
+        )
         recognizer = self._ready()
         recognizer.check(recognizer.model(config.model), language, task)
         # Tells the caller the config is accepted, so it can send audio without racing a
@@ -164,6 +170,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             max_batch_size=s.max_batch_size,
             max_queue_size=s.max_queue,
             default_silence_duration=duration(s.silence_duration_s),
+            default_sentence_end_silence_duration=duration(s.sentence_end_silence_s),
             encodings=[
                 asr_pb2.AUDIO_ENCODING_LINEAR16,
                 asr_pb2.AUDIO_ENCODING_WAV,

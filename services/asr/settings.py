@@ -43,6 +43,12 @@ class AsrSettings(ServiceSettings):
     silence_duration_s: float = Field(
         default=0.5, gt=0, description="Silence that ends a streaming utterance by default."
     )
+    sentence_end_silence_s: float = Field(
+        default=0.3,
+        gt=0,
+        description="Shorter silence that ends a streaming utterance by default when its "
+        "transcript so far ends a sentence (. ? !); not below silence_duration_s turns it off.",
+    )
     interim_interval_s: float = Field(
         default=1.0, gt=0, description="Speech between two interim results of a stream."
     )

@@ -5,8 +5,11 @@ speaks, an interim result of the utterance so far is sent every `interim_interva
 speech (when asked for, computed while audio keeps coming in); when they fall silent for
 the configured time, the utterance is recognized once more and sent as final. That final
 recognition starts at the first short pause, speculatively, so most of it is done by the
-time the silence is confirmed. An utterance longer than `max_utterance_s` is
-finalized and continues as the next one, so memory per stream stays bounded.
+time the silence is confirmed. When its words end a sentence, a shorter silence
+(`sentence_end_silence_s`) ends the utterance: a finished sentence is answered sooner,
+while a pause mid-sentence still waits for the full silence. An utterance longer than
+`max_utterance_s` is finalized and continues as the next one, so memory per stream stays
+bounded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import soxr
+from prometheus_client import Counter
 
 from services.asr.audio import check_channels, check_rate, pcm16_to_float
 from services.asr.recognizer import Recognition, Recognizer
@@ -29,6 +33,22 @@ from speechmesh.asr.v1 import asr_pb2
 PREROLL_S = 0.2  # speech onsets are soft: keep a little audio before the detector fired
 MIN_SILENCE_S = 0.1
 MAX_SILENCE_S = 5.0
+# A transcript ending like this ends a sentence (with the CJK full stop, fullwidth ? and !,
+# the Arabic ? and the Devanagari danda); a trailing ellipsis says it trails off.
+SENTENCE_ENDS = (".", "?", "!", "\u3002", "\uff1f", "\uff01", "\u061f", "\u0964")
+CLOSING_QUOTES = "\"'\u201d\u2019\u00bb)"
+
+utterance_ends = Counter(
+    "speechmesh_asr_utterance_ends_total",
+    "Streamed utterances finalized, by what ended them: the full silence, a shorter one "
+    "after a finished sentence, the length limit, or the caller's half-close.",
+    ["by"],
+)
+
+
+def ends_sentence(transcript: str) -> bool:
+    text = transcript.rstrip().rstrip(CLOSING_QUOTES)
+    return text.endswith(SENTENCE_ENDS) and not text.endswith(("...", "…"))
 
 
 @dataclass(frozen=True)
@@ -40,11 +60,25 @@ class StreamConfig:
     interim_results: bool
     single_utterance: bool
     silence_s: float
+    sentence_end_silence_s: float | None  # None: only the full silence ends an utterance
     model: str
 
 
+def _silence(config: asr_pb2.StreamingRecognitionConfig, field: str, default_s: float) -> float:
+    silence = seconds(getattr(config, field)) if config.HasField(field) else default_s
+    if not MIN_SILENCE_S <= silence <= MAX_SILENCE_S:
+        raise InvalidArgument.field(
+            f"config.{field}", f"must be between {MIN_SILENCE_S} and {MAX_SILENCE_S} s"
+        )
+    return silence
+
+
 def stream_config(
-    config: asr_pb2.StreamingRecognitionConfig, language: str, task: Task, default_silence_s: float
+    config: asr_pb2.StreamingRecognitionConfig,
+    language: str,
+    task: Task,
+    default_silence_s: float,
+    default_sentence_end_silence_s: float,
 ) -> StreamConfig:
     if config.encoding not in (asr_pb2.AUDIO_ENCODING_UNSPECIFIED, asr_pb2.AUDIO_ENCODING_LINEAR16):
         raise InvalidArgument.field(
@@ -55,15 +89,10 @@ def stream_config(
     check_rate(config.sample_rate_hertz, "config.sample_rate_hertz")
     channels = config.channel_count or 1
     check_channels(channels, "config.channel_count")
-    silence = (
-        seconds(config.silence_duration)
-        if config.HasField("silence_duration")
-        else default_silence_s
+    silence = _silence(config, "silence_duration", default_silence_s)
+    sentence_end = _silence(
+        config, "sentence_end_silence_duration", min(default_sentence_end_silence_s, silence)
     )
-    if not MIN_SILENCE_S <= silence <= MAX_SILENCE_S:
-        raise InvalidArgument.field(
-            "config.silence_duration", f"must be between {MIN_SILENCE_S} and {MAX_SILENCE_S} s"
-        )
     return StreamConfig(
         rate=config.sample_rate_hertz,
         channels=channels,
@@ -72,6 +101,7 @@ def stream_config(
         interim_results=config.interim_results,
         single_utterance=config.single_utterance,
         silence_s=silence,
+        sentence_end_silence_s=sentence_end if sentence_end < silence else None,
         model=config.model,
     )
 
@@ -89,7 +119,9 @@ class StreamSession:
     ) -> None:
         self.recognizer = recognizer
         self.config = config
-        self.endpointer = Endpointer(recognizer.vad, config.silence_s)
+        self.endpointer = Endpointer(
+            recognizer.vad, config.silence_s, sentence_end_silence_s=config.sentence_end_silence_s
+        )
         self.resampler = (
             None
             if config.rate == RATE
@@ -179,7 +211,16 @@ class StreamSession:
             self.speculation[1].cancel()
             self.speculation = None
 
-    async def _finish(self, end: int) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+    async def _ends_sentence(self, end: int) -> bool:
+        """Whether the utterance, as speculated at this silence, ends a sentence. Waits for
+        the speculation (started at the pause, so mostly done): reading audio stops
+        meanwhile, which delays nothing that could be answered sooner."""
+        if self.speculation is None or self.speculation[0] != end:
+            return False
+        return ends_sentence((await self.speculation[1]).transcript)
+
+    async def _finish(self, end: int, by: str) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+        utterance_ends.labels(by).inc()
         speculation, self.speculation = self.speculation, None
         if speculation is not None and speculation[0] == end:
             task = speculation[1]
@@ -230,19 +271,28 @@ class StreamSession:
             self.recent = np.concatenate([self.recent, samples])
             self.heard += len(samples)
             for boundary in self.endpointer.feed(samples):
-                if boundary.kind == "start" and self.utterance_start is None:
-                    self.utterance_start = max(self.recent_start, boundary.sample - preroll)
-                    self.last_interim = self.utterance_start
-                elif boundary.kind == "pause" and self.utterance_start is not None:
+                if self.utterance_start is None:
+                    if boundary.kind == "start":
+                        self.utterance_start = max(self.recent_start, boundary.sample - preroll)
+                        self.last_interim = self.utterance_start
+                    continue
+                if boundary.kind == "pause":
                     self._speculate(boundary.sample)
-                elif boundary.kind == "end" and self.utterance_start is not None:
-                    async for response in self._finish(boundary.sample):
-                        yield response
-                        if self.config.single_utterance:
-                            yield asr_pb2.StreamingRecognizeResponse(
-                                speech_event=asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
-                            )
-                            return
+                    continue
+                if boundary.kind == "likely_end" and await self._ends_sentence(boundary.sample):
+                    self.endpointer.end_utterance()
+                    by = "sentence_end"
+                elif boundary.kind == "end":
+                    by = "silence"
+                else:
+                    continue
+                async for response in self._finish(boundary.sample, by):
+                    yield response
+                    if self.config.single_utterance:
+                        yield asr_pb2.StreamingRecognizeResponse(
+                            speech_event=asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
+                        )
+                        return
             interim = self._finished_interim()
             if interim is not None:
                 yield interim
@@ -251,7 +301,7 @@ class StreamSession:
                 continue
             if self.heard - self.utterance_start >= self.max_samples:
                 self._drop_speculation()
-                async for response in self._finish(self.heard):
+                async for response in self._finish(self.heard, "max_length"):
                     yield response
                 self.utterance_start = self.heard
                 self.last_interim = self.heard
@@ -270,5 +320,5 @@ class StreamSession:
             self.recent = np.concatenate([self.recent, tail])
             self.heard += len(tail)
         if self.utterance_start is not None:
-            async for response in self._finish(self.heard):
+            async for response in self._finish(self.heard, "half_close"):
                 yield response

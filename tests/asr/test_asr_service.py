@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.testing import error_details
@@ -186,11 +187,56 @@ async def test_single_utterance_ends_the_stream(
     assert responses[-1].speech_event == asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
 
 
+def _trimmed(samples: np.ndarray) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(samples) > 0.01)
+    return samples[loud[0] : loud[-1] + 1]
+
+
+def _metric(mesh: Mesh, sample: str) -> float:
+    url = f"http://127.0.0.1:{mesh['asr'].metrics_port}/metrics"
+    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_a_finished_sentence_ends_its_utterance_after_a_shorter_silence(
+    mesh: Mesh, asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
+) -> None:
+    """0.4 s between two sentences: more than the sentence-end silence (0.3 s by default),
+    less than the full one (0.5 s). By default that ends the first; turned off, the two are
+    one utterance."""
+    gap = np.zeros(int(0.4 * RATE), np.float32)
+    audio = np.concatenate(
+        [gap, _trimmed(clips["en0"]), gap, _trimmed(clips["en3"]), np.zeros(RATE, np.float32)]
+    )
+    by_sentence = 'speechmesh_asr_utterance_ends_total{by="sentence_end"}'
+    before = _metric(mesh, by_sentence)
+    finals = [r.result for r in await _stream(asr, audio, language="en") if r.result.is_final]
+    assert len(finals) == 2, finals
+    assert _metric(mesh, by_sentence) == before + 2
+    assert word_error_rate([ENGLISH[0]], [finals[0].transcript]) < 0.3, finals
+    assert word_error_rate([ENGLISH[3]], [finals[1].transcript]) < 0.3, finals
+    first_end = finals[0].end_offset.ToTimedelta().total_seconds()
+    assert abs(first_end - (len(gap) + len(_trimmed(clips["en0"]))) / RATE) < 0.15
+
+    off = duration_pb2.Duration(nanos=500_000_000)  # = silence_duration
+    results = await _stream(asr, audio, language="en", sentence_end_silence_duration=off)
+    finals = [r.result for r in results if r.result.is_final]
+    assert len(finals) == 1, finals
+    assert word_error_rate([f"{ENGLISH[0]} {ENGLISH[3]}"], [finals[0].transcript]) < 0.3
+
+
 async def test_half_close_flushes_the_last_utterance(
     asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
 ) -> None:
+    # espeak-ng ends the clip with ~0.35 s of silence: enough to end a finished sentence, so
+    # only the full silence (never heard here) may end the utterance.
     responses = await _stream(
-        asr, np.concatenate([np.zeros(RATE // 2, np.float32), clips["en0"]]), language="en"
+        asr,
+        np.concatenate([np.zeros(RATE // 2, np.float32), clips["en0"]]),
+        language="en",
+        sentence_end_silence_duration=duration_pb2.Duration(nanos=500_000_000),
     )
     assert len(responses) == 1 and responses[0].result.is_final
     # The flush is under test here; accuracy is measured over many clips elsewhere, and one

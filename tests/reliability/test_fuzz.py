@@ -646,6 +646,8 @@ def recognition_configs(draw: st.DrawFn) -> asr_pb2.StreamingRecognitionConfig:
     )
     if draw(st.booleans()):
         config.silence_duration.CopyFrom(draw(_silence_durations()))
+    if draw(st.booleans()):
+        config.sentence_end_silence_duration.CopyFrom(draw(_silence_durations()))
     return config
 
 
