@@ -38,7 +38,7 @@ from services.asr.vad import RATE, Endpointer, SileroVad
 from services.asr.whisper_onnx import Transcription, WhisperOnnx
 from services.common.settings import model_cache_dir
 
-MARGINS: tuple[float | None, ...] = (None, 1.0, 2.0, 3.0, 5.0, 8.0)
+MARGINS: tuple[float | None, ...] = (None, 1.0, 2.0, 3.0, 4.0, 5.0, 8.0)
 SILENCE_S = 0.5
 ROUNDS = 2
 

@@ -22,11 +22,15 @@ FRAME = 512
 CONTEXT = 64
 RATE = 16_000
 FRAME_S = FRAME / RATE
-# Quiet this long is a pause worth a speculative final: two frames, so the final is
-# (nearly) decoded by the time even a short silence is confirmed. The gaps between words
-# rarely last that long: on the benchmark's clips (`make bench-asr`) 14 pauses came per
-# 12 utterance ends of espeak-ng speech, 19 per 8 in a human recording (12 and 15 at 0.2 s).
-PAUSE_S = 0.064
+# Quiet this long is a pause worth a speculative final: one frame, so the final is (nearly)
+# decoded by the time even a short silence is confirmed; on 2 cores decoding a 3 s utterance
+# takes ~250 ms, the longest part of the wait. The gaps between words seldom reach one
+# frame below the off threshold: on the benchmark's clips 22 pauses came per 12 utterance
+# ends of espeak-ng speech and 21 per 8 in a human recording (14 and 19 at two frames,
+# whose finals came 30-40 ms later: p50 509-534 ms against 470-493 ms in two runs of
+# bench-asr's latency part). A speculation that speech overtakes is cancelled, and costs
+# nothing if it was still queued behind other work.
+PAUSE_S = FRAME_S
 
 
 class SileroVad:

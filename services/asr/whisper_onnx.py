@@ -107,8 +107,14 @@ def mel_filter_bank(n_mels: int, n_fft: int, sampling_rate: int) -> np.ndarray:
     return filters.T
 
 
-def log_mel_spectrogram(audio: np.ndarray, front: FrontEnd) -> np.ndarray:
-    """Whisper's input for one clip: [n_mels, n_samples // hop] float32, padded to 30 s."""
+def log_mel_spectrogram(
+    audio: np.ndarray, front: FrontEnd, frames: int | None = None
+) -> np.ndarray:
+    """Whisper's input for one clip: [n_mels, n_samples // hop] float32, padded to 30 s.
+
+    With `frames`, only the first that many (the same values: the frames left out hold only
+    padding, which never sets the level every frame is scaled from, as long as they lie
+    after the audio)."""
     clip = np.asarray(audio, np.float64)[: front.n_samples]
     if clip.ndim != 1:
         raise ValueError(f"expected mono samples, got shape {clip.shape}")
@@ -116,12 +122,17 @@ def log_mel_spectrogram(audio: np.ndarray, front: FrontEnd) -> np.ndarray:
     samples[: len(clip)] = clip
     half = front.n_fft // 2
     padded = np.pad(samples, half, mode="reflect")
-    frames = sliding_window_view(padded, front.n_fft)[:: front.hop_length]
-    window = np.hanning(front.n_fft + 1)[:-1]  # periodic Hann, as torch.stft and HF use
-    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2
-    mel = front.mel_filters @ power.T
     # Whisper drops the last frame so 30 s gives exactly 3000 frames.
-    log_spec = np.log10(np.maximum(mel, _MEL_FLOOR))[:, :-1]
+    count = front.n_samples // front.hop_length
+    if frames is not None:
+        if frames * front.hop_length < len(clip):
+            raise ValueError(f"{frames} frames do not cover {len(clip)} samples")
+        count = min(count, frames)
+    windows = sliding_window_view(padded, front.n_fft)[:: front.hop_length][:count]
+    window = np.hanning(front.n_fft + 1)[:-1]  # periodic Hann, as torch.stft and HF use
+    power = np.abs(np.fft.rfft(windows * window, axis=-1)) ** 2
+    mel = front.mel_filters @ power.T
+    log_spec = np.log10(np.maximum(mel, _MEL_FLOOR))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
@@ -222,10 +233,11 @@ class WhisperOnnx:
     def sampling_rate(self) -> int:
         return self._require().front.sampling_rate
 
-    def features(self, audios: Sequence[np.ndarray]) -> np.ndarray:
-        """Log-mel features [batch, n_mels, 3000] of 16 kHz mono float clips (<= 30 s used)."""
+    def features(self, audios: Sequence[np.ndarray], frames: int | None = None) -> np.ndarray:
+        """Log-mel features [batch, n_mels, 3000] of 16 kHz mono float clips (<= 30 s used),
+        or their first `frames` (which must cover every clip)."""
         front = self._require().front
-        return np.stack([log_mel_spectrogram(audio, front) for audio in audios])
+        return np.stack([log_mel_spectrogram(audio, front, frames) for audio in audios])
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """Encoder states [batch, 1500, d_model]."""
@@ -239,17 +251,15 @@ class WhisperOnnx:
         (and a model that has the any-length encoder), the window is the longest clip plus
         the margin instead of 30 s."""
         runtime = self._require()
-        features = self.features(audios)
-        if margin_s is None or runtime.encoder_any_length is None:
-            return self.encode(features), False
         front = runtime.front
-        longest = max(len(audio) for audio in audios) + margin_s * front.sampling_rate
-        frames = 2 * math.ceil(longest / front.hop_length / 2)  # the second conv halves it
-        if frames >= features.shape[-1]:
-            return self.encode(features), False
-        short = np.ascontiguousarray(features[:, :, :frames])
-        encoded = runtime.run(runtime.encoder_any_length, {"input_features": short})
-        return encoded["last_hidden_state"], True
+        if margin_s is not None and runtime.encoder_any_length is not None:
+            longest = max(len(audio) for audio in audios) + margin_s * front.sampling_rate
+            frames = 2 * math.ceil(longest / front.hop_length / 2)  # the second conv halves it
+            if frames < front.n_samples // front.hop_length:
+                short = self.features(audios, frames)
+                encoded = runtime.run(runtime.encoder_any_length, {"input_features": short})
+                return encoded["last_hidden_state"], True
+        return self.encode(self.features(audios)), False
 
     def detect_language(self, encoder_out: np.ndarray) -> list[tuple[str, float]]:
         """Most likely language code and its probability, per item (multilingual only)."""
