@@ -9,6 +9,10 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 
+# What a stream may ask for (and the defaults must be) as the silence that ends an utterance.
+MIN_SILENCE_S = 0.1
+MAX_SILENCE_S = 5.0
+
 
 class AsrSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SPEECHMESH_ASR_", extra="ignore")
@@ -41,13 +45,18 @@ class AsrSettings(ServiceSettings):
     max_audio_duration_s: float = Field(default=600.0, gt=0)
 
     silence_duration_s: float = Field(
-        default=0.5, gt=0, description="Silence that ends a streaming utterance by default."
+        default=0.5,
+        ge=MIN_SILENCE_S,
+        le=MAX_SILENCE_S,
+        description="Silence that ends a streaming utterance by default.",
     )
     sentence_end_silence_s: float = Field(
         default=0.3,
-        gt=0,
+        ge=MIN_SILENCE_S,
+        le=MAX_SILENCE_S,
         description="Shorter silence that ends a streaming utterance by default when its "
-        "transcript so far ends a sentence (. ? !); not below silence_duration_s turns it off.",
+        "transcript so far ends a sentence (. ? !); a stream gets at most its "
+        "silence_duration, and not below it turns this off.",
     )
     interim_interval_s: float = Field(
         default=1.0, gt=0, description="Speech between two interim results of a stream."

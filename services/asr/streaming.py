@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import soxr
@@ -24,6 +25,7 @@ from prometheus_client import Counter
 
 from services.asr.audio import check_channels, check_rate, pcm16_to_float
 from services.asr.recognizer import Recognition, Recognizer
+from services.asr.settings import MAX_SILENCE_S, MIN_SILENCE_S
 from services.asr.vad import RATE, Endpointer
 from services.asr.whisper_onnx import Task
 from services.common.errors import InvalidArgument
@@ -31,11 +33,10 @@ from services.common.proto_time import duration, seconds
 from speechmesh.asr.v1 import asr_pb2
 
 PREROLL_S = 0.2  # speech onsets are soft: keep a little audio before the detector fired
-MIN_SILENCE_S = 0.1
-MAX_SILENCE_S = 5.0
 # A transcript ending like this ends a sentence (with the CJK full stop, fullwidth ? and !,
 # the Arabic ? and the Devanagari danda); a trailing ellipsis says it trails off.
 SENTENCE_ENDS = (".", "?", "!", "\u3002", "\uff1f", "\uff01", "\u061f", "\u0964")
+EndedBy = Literal["silence", "sentence_end", "max_length", "half_close"]
 CLOSING_QUOTES = "\"'\u201d\u2019\u00bb)"
 
 utterance_ends = Counter(
@@ -46,9 +47,18 @@ utterance_ends = Counter(
 )
 
 
+def _succeeded(task: asyncio.Task[Recognition]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _usable(task: asyncio.Task[Recognition]) -> bool:
+    """Still running, or done with a result: a failed speculation is not the final's."""
+    return not task.done() or _succeeded(task)
+
+
 def ends_sentence(transcript: str) -> bool:
-    text = transcript.rstrip().rstrip(CLOSING_QUOTES)
-    return text.endswith(SENTENCE_ENDS) and not text.endswith(("...", "…"))
+    text = transcript.rstrip().rstrip(CLOSING_QUOTES).rstrip()
+    return text.endswith(SENTENCE_ENDS) and not text.endswith("...")
 
 
 @dataclass(frozen=True)
@@ -217,12 +227,17 @@ class StreamSession:
         meanwhile, which delays nothing that could be answered sooner."""
         if self.speculation is None or self.speculation[0] != end:
             return False
-        return ends_sentence((await self.speculation[1]).transcript)
+        task = self.speculation[1]
+        await asyncio.wait({task})
+        # A speculation that failed says nothing here: the full silence decides, and the
+        # final is recognized afresh then.
+        return _succeeded(task) and ends_sentence(task.result().transcript)
 
-    async def _finish(self, end: int, by: str) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
-        utterance_ends.labels(by).inc()
+    async def _finish(
+        self, end: int, by: EndedBy
+    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         speculation, self.speculation = self.speculation, None
-        if speculation is not None and speculation[0] == end:
+        if speculation is not None and speculation[0] == end and _usable(speculation[1]):
             task = speculation[1]
         else:
             if speculation is not None:
@@ -237,6 +252,7 @@ class StreamSession:
             if recognition.transcript:
                 yield self._result(recognition, interim_end, final=False)
         recognition = await task
+        utterance_ends.labels(by).inc()
         if recognition.transcript:
             yield self._result(recognition, end, final=True)
             self.utterance_index += 1
@@ -279,6 +295,7 @@ class StreamSession:
                 if boundary.kind == "pause":
                     self._speculate(boundary.sample)
                     continue
+                by: EndedBy
                 if boundary.kind == "likely_end" and await self._ends_sentence(boundary.sample):
                     self.endpointer.end_utterance()
                     by = "sentence_end"
@@ -286,13 +303,16 @@ class StreamSession:
                     by = "silence"
                 else:
                     continue
+                said = False
                 async for response in self._finish(boundary.sample, by):
                     yield response
-                    if self.config.single_utterance:
-                        yield asr_pb2.StreamingRecognizeResponse(
-                            speech_event=asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
-                        )
-                        return
+                    said = said or response.result.is_final
+                if said and self.config.single_utterance:
+                    # After the final, not the interim sent before it.
+                    yield asr_pb2.StreamingRecognizeResponse(
+                        speech_event=asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
+                    )
+                    return
             interim = self._finished_interim()
             if interim is not None:
                 yield interim

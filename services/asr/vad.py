@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -28,8 +29,8 @@ FRAME_S = FRAME / RATE
 # frame below the off threshold: on the benchmark's clips 22 pauses came per 12 utterance
 # ends of espeak-ng speech and 21 per 8 in a human recording (14 and 19 at two frames,
 # whose finals came 30-40 ms later: p50 509-534 ms against 470-493 ms in two runs of
-# bench-asr's latency part). A speculation that speech overtakes is cancelled, and costs
-# nothing if it was still queued behind other work.
+# bench-asr's latency part). A stream has at most one speculation: the next pause cancels
+# the last (at no cost while it is still queued); one that speech overtook runs on.
 PAUSE_S = FRAME_S
 
 
@@ -67,7 +68,7 @@ class VadState:
 class Boundary:
     # "start"; "pause" (speech may have ended here); "likely_end" (it has, if the words
     # say so); "end" (it has)
-    kind: str
+    kind: Literal["start", "pause", "likely_end", "end"]
     sample: int  # position in the stream, in 16 kHz samples
 
 
@@ -90,9 +91,7 @@ class Endpointer:
             return frames if frames is not None and frames < self.silence_frames else None
 
         self.likely_end_frames = before_end(sentence_end_silence_s)
-        self.pause_frames = before_end(
-            min(PAUSE_S, sentence_end_silence_s) if sentence_end_silence_s else PAUSE_S
-        )
+        self.pause_frames = before_end(PAUSE_S)  # one frame: never after the likely end
         self.on = threshold
         self.off = threshold - 0.15
         self.in_speech = False
@@ -108,12 +107,12 @@ class Endpointer:
         usable = len(self._pending) // FRAME * FRAME
         frames = self._pending[:usable].reshape(-1, FRAME)
         self._pending = self._pending[usable:]
-        return self._boundaries(self.vad.probabilities(self.state, frames) if usable else [])
+        first, self._position = self._position, self._position + usable
+        return self._boundaries(first, self.vad.probabilities(self.state, frames) if usable else [])
 
-    def _boundaries(self, probabilities: Iterable[float]) -> Iterator[Boundary]:
-        for prob in probabilities:
-            position = self._position
-            self._position += FRAME
+    def _boundaries(self, first: int, probabilities: Iterable[float]) -> Iterator[Boundary]:
+        for index, prob in enumerate(probabilities):
+            position = first + index * FRAME
             if not self.in_speech and prob >= self.on:
                 self.in_speech = True
                 self._quiet = 0

@@ -112,9 +112,9 @@ def log_mel_spectrogram(
 ) -> np.ndarray:
     """Whisper's input for one clip: [n_mels, n_samples // hop] float32, padded to 30 s.
 
-    With `frames`, only the first that many (the same values: the frames left out hold only
-    padding, which never sets the level every frame is scaled from, as long as they lie
-    after the audio)."""
+    With `frames`, only the first that many: the same values, as long as the frames left
+    out reach no audio (each frame's window starts half an FFT before it), since only
+    padding then lies in them and it never sets the level every frame is scaled from."""
     clip = np.asarray(audio, np.float64)[: front.n_samples]
     if clip.ndim != 1:
         raise ValueError(f"expected mono samples, got shape {clip.shape}")
@@ -125,7 +125,7 @@ def log_mel_spectrogram(
     # Whisper drops the last frame so 30 s gives exactly 3000 frames.
     count = front.n_samples // front.hop_length
     if frames is not None:
-        if frames * front.hop_length < len(clip):
+        if frames * front.hop_length < len(clip) + front.n_fft // 2:
             raise ValueError(f"{frames} frames do not cover {len(clip)} samples")
         count = min(count, frames)
     windows = sliding_window_view(padded, front.n_fft)[:: front.hop_length][:count]

@@ -173,17 +173,21 @@ async def test_streaming_gives_interim_then_final_matching_unary(
     assert 0.6 < start < 1.1
 
 
+@pytest.mark.parametrize("interim", [False, True])
 async def test_single_utterance_ends_the_stream(
-    asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
+    asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray], interim: bool
 ) -> None:
+    """The end comes after the utterance's final, not after an interim sent before it."""
     silence = np.zeros(RATE, np.float32)
     responses = await _stream(
         asr,
         np.concatenate([silence, clips["en0"], silence, clips["en1"], silence]),
         language="en",
         single_utterance=True,
+        interim_results=interim,
     )
-    assert [r.result.is_final for r in responses if r.HasField("result")] == [True]
+    assert [r.result.is_final for r in responses if r.result.is_final] == [True]
+    assert responses[-2].result.is_final
     assert responses[-1].speech_event == asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
 
 

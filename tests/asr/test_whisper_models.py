@@ -288,10 +288,14 @@ def test_features_match_whisper_feature_extractor(
     theirs = reference(audios, sampling_rate=RATE, return_tensors="np").input_features
     assert ours.shape == theirs.shape == (4, 80, 3000)
     assert np.abs(ours - theirs).max() < 1e-4
-    # Short windows compute only their frames, and get the same values.
-    short = runner.features(audios[2:], frames=400)
-    assert short.shape == (2, 80, 400)
-    assert np.array_equal(short, ours[2:, :, :400])
+    # Short windows compute only their frames, and get the same values, down to the fewest
+    # frames whose neighbours hold no audio (here the noise is loud to its last sample).
+    fewest = -(-(len(noise) + 200) // 160)
+    short = runner.features(audios[2:], frames=fewest)
+    assert short.shape == (2, 80, fewest)
+    assert np.array_equal(short, ours[2:, :, :fewest])
+    with pytest.raises(ValueError, match="do not cover"):
+        runner.features([noise], frames=fewest - 1)
 
 
 @pytest.mark.models
