@@ -69,7 +69,6 @@ import grpc
 import numpy as np
 import psutil
 import soundfile
-from google.protobuf.duration_pb2 import Duration
 
 from bench.stats import LoadResult
 from services.asr.build_models import package_folder
@@ -77,6 +76,7 @@ from services.asr.recognizer import split_points
 from services.asr.settings import AsrSettings
 from services.asr.vad import SileroVad
 from services.asr.whisper_onnx import FrontEnd, log_mel_spectrogram, mel_filter_bank
+from services.common.proto_time import duration
 from services.common.settings import model_cache_dir
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
 from tests.speech import BECKETT, TWO_CITIES
@@ -597,8 +597,8 @@ async def utterance_latency(
                 language="en",
                 interim_results=interim,
                 model=STREAM_MODEL,
-                sentence_end_silence_duration=Duration(
-                    nanos=int((SENTENCE_END_SILENCE_S if sentence_end else SILENCE_S) * 1e9)
+                sentence_end_silence_duration=duration(
+                    SENTENCE_END_SILENCE_S if sentence_end else SILENCE_S
                 ),
             )
         )

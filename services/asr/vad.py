@@ -87,8 +87,11 @@ class Endpointer:
         self.silence_frames = max(1, round(silence_s / FRAME_S))
 
         def before_end(seconds: float | None) -> int | None:
-            frames = max(1, round(seconds / FRAME_S)) if seconds is not None else None
-            return frames if frames is not None and frames < self.silence_frames else None
+            """Frames of quiet for a boundary before the end; None if it would not come first."""
+            if seconds is None:
+                return None
+            frames = max(1, round(seconds / FRAME_S))
+            return frames if frames < self.silence_frames else None
 
         self.likely_end_frames = before_end(sentence_end_silence_s)
         self.pause_frames = before_end(PAUSE_S)  # one frame: never after the likely end

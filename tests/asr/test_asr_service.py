@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.proto_time import duration
 from services.common.testing import error_details
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
 from tests.asr.wer import word_error_rate
@@ -224,7 +224,7 @@ async def test_a_finished_sentence_ends_its_utterance_after_a_shorter_silence(
     first_end = finals[0].end_offset.ToTimedelta().total_seconds()
     assert abs(first_end - (len(gap) + len(_trimmed(clips["en0"]))) / RATE) < 0.15
 
-    off = duration_pb2.Duration(nanos=500_000_000)  # = silence_duration
+    off = duration(0.5)  # = silence_duration
     results = await _stream(asr, audio, language="en", sentence_end_silence_duration=off)
     finals = [r.result for r in results if r.result.is_final]
     assert len(finals) == 1, finals
@@ -240,7 +240,7 @@ async def test_half_close_flushes_the_last_utterance(
         asr,
         np.concatenate([np.zeros(RATE // 2, np.float32), clips["en0"]]),
         language="en",
-        sentence_end_silence_duration=duration_pb2.Duration(nanos=500_000_000),
+        sentence_end_silence_duration=duration(0.5),
     )
     assert len(responses) == 1 and responses[0].result.is_final
     # The flush is under test here; accuracy is measured over many clips elsewhere, and one
