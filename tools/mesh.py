@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -46,6 +47,15 @@ class ServiceProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def metric(self, prefix: str) -> float:
+        """The sum of the Prometheus samples whose line starts with `prefix`."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        total = 0.0
+        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+            if line.startswith(prefix):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def start(self) -> None:
         self.process = subprocess.Popen(

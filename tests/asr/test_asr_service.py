@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -116,13 +115,9 @@ async def test_repeated_audio_comes_from_the_cache(
     mesh: Mesh, asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
 ) -> None:
     def hits() -> float:
-        url = f"http://127.0.0.1:{mesh['asr'].metrics_port}/metrics"
-        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-            if line.startswith(
-                'speechmesh_cache_lookups_total{cache="asr_transcripts",result="hit"}'
-            ):
-                return float(line.split()[-1])
-        return 0.0
+        return mesh["asr"].metric(
+            'speechmesh_cache_lookups_total{cache="asr_transcripts",result="hit"}'
+        )
 
     request = asr_pb2.RecognizeRequest(audio=audio(clips["en3"][: RATE * 2]), language="en")
     first = await asr.Recognize(request)
@@ -196,14 +191,6 @@ def _trimmed(samples: np.ndarray) -> np.ndarray:
     return samples[loud[0] : loud[-1] + 1]
 
 
-def _metric(mesh: Mesh, sample: str) -> float:
-    url = f"http://127.0.0.1:{mesh['asr'].metrics_port}/metrics"
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 async def test_a_finished_sentence_ends_its_utterance_after_a_shorter_silence(
     mesh: Mesh, asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
 ) -> None:
@@ -215,10 +202,10 @@ async def test_a_finished_sentence_ends_its_utterance_after_a_shorter_silence(
         [gap, _trimmed(clips["en0"]), gap, _trimmed(clips["en3"]), np.zeros(RATE, np.float32)]
     )
     by_sentence = 'speechmesh_asr_utterance_ends_total{by="sentence_end"}'
-    before = _metric(mesh, by_sentence)
+    before = mesh["asr"].metric(by_sentence)
     finals = [r.result for r in await _stream(asr, audio, language="en") if r.result.is_final]
     assert len(finals) == 2, finals
-    assert _metric(mesh, by_sentence) == before + 2
+    assert mesh["asr"].metric(by_sentence) == before + 2
     assert word_error_rate([ENGLISH[0]], [finals[0].transcript]) < 0.3, finals
     assert word_error_rate([ENGLISH[3]], [finals[1].transcript]) < 0.3, finals
     first_end = finals[0].end_offset.ToTimedelta().total_seconds()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -63,15 +62,6 @@ def speech_request(
     )
 
 
-def metric(mesh: Mesh, service: str, prefix: str) -> float:
-    url = f"http://127.0.0.1:{mesh[service].metrics_port}/metrics"
-    total = 0.0
-    for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-        if line.startswith(prefix):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def stages(response: object) -> dict[str, int]:
     return {s.stage: s.state for s in response.stages}  # type: ignore[attr-defined]
 
@@ -126,9 +116,9 @@ async def test_results_come_from_the_cache_the_second_time(
         texts=["The museum is closed on Mondays."], source_language="en", target_language="pt"
     )
     first = await public.TranslateText(request, metadata=user)
-    before = metric(mesh, "gateway", hits)
+    before = mesh["gateway"].metric(hits)
     assert await public.TranslateText(request, metadata=user) == first
-    assert metric(mesh, "gateway", hits) == before + 1
+    assert mesh["gateway"].metric(hits) == before + 1
     cleared = await gateway_pb2_grpc.AdminServiceStub(channel).ClearCache(
         gateway_pb2.ClearCacheRequest(translations=True), metadata=ADMIN
     )
@@ -184,7 +174,7 @@ async def test_cancelling_a_stream_cancels_it_downstream(
 ) -> None:
     public = gateway_pb2_grpc.SpeechTranslationServiceStub(channel)
     cancelled = 'grpc_server_handled_total{grpc_code="CANCELLED",grpc_method="StreamingRecognize"'
-    before = metric(mesh, "asr", cancelled)
+    before = mesh["asr"].metric(cancelled)
     pcm = (clips["two_cities"] * 32767).astype("<i2").tobytes()
 
     async def talking() -> AsyncIterator[gateway_pb2.StreamingTranscribeRequest]:
@@ -201,10 +191,10 @@ async def test_cancelling_a_stream_cancels_it_downstream(
     await asyncio.sleep(2.5)  # mid-sentence: asr holds an utterance in progress
     call.cancel()
     for _ in range(50):
-        if metric(mesh, "asr", cancelled) > before:
+        if mesh["asr"].metric(cancelled) > before:
             break
         await asyncio.sleep(0.1)
-    assert metric(mesh, "asr", cancelled) == before + 1
+    assert mesh["asr"].metric(cancelled) == before + 1
 
 
 async def test_a_caller_deadline_reaches_asr(
