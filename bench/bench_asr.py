@@ -68,7 +68,6 @@ from typing import Any
 import grpc
 import numpy as np
 import psutil
-import soundfile
 
 from bench.stats import LoadResult
 from services.asr.build_models import package_folder
@@ -79,7 +78,7 @@ from services.asr.whisper_onnx import FrontEnd, log_mel_spectrogram, mel_filter_
 from services.common.proto_time import duration
 from services.common.settings import model_cache_dir
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
-from tests.speech import BECKETT, TWO_CITIES
+from tests.speech import BECKETT, TWO_CITIES, resampled, spoken, wav_bytes
 from tools.mesh import Mesh
 
 RATE = 16_000
@@ -148,13 +147,6 @@ def pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-def _resampled(source: Path, target: Path) -> np.ndarray:
-    subprocess.run(["sox", "-q", str(source), "-r", str(RATE), "-c", "1", str(target)], check=True)
-    audio, rate = soundfile.read(target, dtype="float32")
-    assert rate == RATE
-    return np.asarray(audio, np.float32)
-
-
 def _trimmed(samples: np.ndarray, margin_s: float = 0.03) -> np.ndarray:
     """espeak pads its output with silence: cut it, so the clip ends where speech ends."""
     loud = np.flatnonzero(np.abs(samples) > 0.01)
@@ -165,27 +157,17 @@ def _trimmed(samples: np.ndarray, margin_s: float = 0.03) -> np.ndarray:
 def make_clips(folder: Path) -> dict[str, Clip]:
     clips = {}
     for index, text in enumerate(SENTENCES):
-        raw = folder / f"s{index}-22k.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True)
-        samples = _trimmed(_resampled(raw, folder / f"s{index}.wav"))
+        samples = _trimmed(spoken(folder, f"s{index}", text))
         clips[f"espeak{index}"] = Clip(f"espeak{index}", samples, text)
     assets = package_folder("moonshine_voice") / "assets"
     for name, text in (("beckett", BECKETT), ("two_cities", TWO_CITIES)):
-        clips[name] = Clip(name, _resampled(assets / f"{name}.wav", folder / f"{name}.wav"), text)
+        clips[name] = Clip(name, resampled(assets / f"{name}.wav", folder / f"{name}.wav"), text)
     vad = SileroVad(model_cache_dir() / "asr" / "silero_vad.onnx")
     for clip in clips.values():
         cuts = split_points(clip.samples, vad)
         clip.bounds = list(zip([0, *cuts], [*cuts, len(clip.samples)], strict=True))
         clip.wav = wav_bytes(clip.samples)
     return clips
-
-
-def wav_bytes(samples: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, RATE, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def wer(reference: str, hypothesis: str) -> float:

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 import psutil
 import soundfile
 
@@ -55,12 +54,12 @@ from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
 from speechmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from speechmesh.mt.v1 import mt_pb2, mt_pb2_grpc
+from tests.speech import ENGLISH, spoken, wav_bytes
 from tools.mesh import Mesh
 
 ADMIN = (("x-api-key", "dev-admin-key"),)
 RATE = 16_000
 CONCURRENCY = 16
-SPOKEN = "Could you please send me the report before noon?"
 TRANSLATE_TEXT = "/speechmesh.gateway.v1.SpeechTranslationService/TranslateText"
 MT_TRANSLATE = "/speechmesh.mt.v1.MtService/Translate"
 SERVICES = ("AUTH", "ASR", "MT", "GATEWAY")
@@ -103,16 +102,6 @@ def _cpu_s(process: psutil.Process) -> float:
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def spoken_wav(folder: Path) -> bytes:
-    raw, wav = folder / "spoken-22k.wav", folder / "spoken.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), SPOKEN], check=True)
-    subprocess.run(["sox", "-q", str(raw), "-r", str(RATE), "-c", "1", str(wav)], check=True)
-    samples, rate = soundfile.read(wav, dtype="float32")
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.asarray(samples), rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 async def paired(first: Call, second: Call, count: int) -> tuple[LoadResult, LoadResult]:
@@ -426,7 +415,7 @@ def report(results: Results, audio_s: float) -> None:
     assert direct_speech and gateway_speech
     speech_differences = paired_differences(direct_speech, gateway_speech)
     print(
-        f"\n2. TranslateSpeech end to end, espeak-ng '{SPOKEN}' ({audio_s:.1f} s WAV, "
+        f"\n2. TranslateSpeech end to end, espeak-ng '{ENGLISH[0]}' ({audio_s:.1f} s WAV, "
         f"language detected, → pt), one caller, {gateway_speech.calls} calls each"
     )
     print(f"{'path':<34} | {'p50 ms':>7} {'p95 ms':>7} {'max ms':>7}")
@@ -468,7 +457,7 @@ def main() -> int:
     began = time.perf_counter()
     print(f"load average at start: {_load()} ({os.cpu_count()} cores)", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
-        wav = spoken_wav(Path(tmp))
+        wav = wav_bytes(spoken(Path(tmp), "spoken", ENGLISH[0]))
         audio_s = soundfile.info(io.BytesIO(wav)).duration
         with Mesh(env=ENV, log_dir=Path(tmp)) as mesh:
             print(f"mesh started in {time.perf_counter() - began:.0f} s", flush=True)

@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -57,6 +56,7 @@ from bench.stats import LoadResult
 from speechmesh.asr.v1 import asr_pb2
 from speechmesh.auth.v1 import auth_pb2
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.speech import ENGLISH, spoken
 from tools.mesh import Mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,6 @@ RESULTS = ROOT / "bench" / "results"
 ADMIN = (("x-api-key", "dev-admin-key"),)
 RATE = 16_000
 CHUNK_BYTES = 3_200  # 100 ms of 16 kHz LINEAR16
-SPOKEN = "Could you please send me the report before noon?"
 SERVICES = ("auth", "asr", "mt", "gateway")
 RPCS = ("text", "speech", "stream")
 SOAK_MIX = {"text": 0.6, "speech": 0.3, "stream": 0.1}
@@ -84,12 +83,7 @@ def mesh_env(cache: bool) -> dict[str, str]:
 
 def spoken_pcm(folder: Path) -> np.ndarray:
     """The test sentence, spoken by espeak-ng, as 16 kHz mono int16."""
-    raw, wav = folder / "spoken-22k.wav", folder / "spoken.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), SPOKEN], check=True)
-    subprocess.run(["sox", "-q", str(raw), "-r", str(RATE), "-c", "1", str(wav)], check=True)
-    samples, rate = soundfile.read(wav, dtype="int16")
-    assert rate == RATE
-    return np.asarray(samples)
+    return np.round(spoken(folder, "spoken", ENGLISH[0]) * 32768).astype(np.int16)
 
 
 def wav_bytes(pcm: np.ndarray) -> bytes:

@@ -38,11 +38,28 @@ ENGLISH = (
 PORTUGUESE = "Eu não sei o que fazer, mas acho que você tem razão. Vamos embora daqui."
 
 
-def _resampled(source: Path, target: Path) -> np.ndarray:
-    subprocess.run(["sox", "-q", str(source), "-r", str(RATE), "-c", "1", str(target)], check=True)
+def resampled(source: Path, target: Path) -> np.ndarray:
+    """`source` as 16 kHz mono float32 (written to `target` on the way).
+
+    `-D`: sox dithers with fresh random noise by default, so the same text made a slightly
+    different clip on every run, and whisper-base heard "send" as "end" in about one run of
+    twelve (it failed CI once). Without dither a clip is the same on every run.
+    """
+    subprocess.run(
+        ["sox", "-q", str(source), "-D", "-r", str(RATE), "-c", "1", str(target)], check=True
+    )
     audio, rate = soundfile.read(target, dtype="float32")
     assert rate == RATE
-    return np.asarray(audio)
+    return np.asarray(audio, np.float32)
+
+
+def spoken(
+    folder: Path, name: str, text: str, voice: str = "en-us", speed: int = 150
+) -> np.ndarray:
+    """`text` spoken by espeak-ng, as 16 kHz mono float32 (files `name*.wav` in `folder`)."""
+    raw = folder / f"{name}-22k.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True)
+    return resampled(raw, folder / f"{name}.wav")
 
 
 @pytest.fixture(scope="session")
@@ -52,15 +69,10 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: run `make system-deps`")
     folder = tmp_path_factory.mktemp("speech")
-    spoken = {f"en{i}": ("en-us", "150", text) for i, text in enumerate(ENGLISH)}
-    spoken["pt"] = ("pt", "110", PORTUGUESE)
-    out = {}
-    for name, (voice, speed, text) in spoken.items():
-        raw = folder / f"{name}-22k.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-s", speed, "-w", str(raw), text], check=True)
-        out[name] = _resampled(raw, folder / f"{name}.wav")
-    out["beckett"] = _resampled(ASSETS / "beckett.wav", folder / "beckett.wav")
-    out["two_cities"] = _resampled(ASSETS / "two_cities.wav", folder / "two_cities.wav")
+    out = {f"en{i}": spoken(folder, f"en{i}", text) for i, text in enumerate(ENGLISH)}
+    out["pt"] = spoken(folder, "pt", PORTUGUESE, voice="pt", speed=110)
+    out["beckett"] = resampled(ASSETS / "beckett.wav", folder / "beckett.wav")
+    out["two_cities"] = resampled(ASSETS / "two_cities.wav", folder / "two_cities.wav")
     return out
 
 
