@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.asr.models import LoadedModel
 from services.asr.vad import FRAME, RATE, SileroVad, VadState
@@ -24,6 +26,12 @@ from services.common.errors import InvalidArgument, NotFound, shown
 
 WINDOW = 30 * RATE
 MIN_PIECE = 15 * RATE
+
+abandoned_total = Counter(
+    "speechmesh_asr_abandoned_in_batch_total",
+    "Recognitions whose caller went away (cancelled, deadline passed) while their batch ran; "
+    "their decoding stopped at the next step.",
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ class _Job:
     samples: np.ndarray
     language: str | None
     window_margin_s: float | None = None  # see WhisperOnnx.generate
+    # Set when the caller stops waiting: decoding stops for it even mid-batch.
+    gone: threading.Event = field(default_factory=threading.Event, compare=False)
 
 
 def interpolate_words(segment: Segment) -> list[Word]:
@@ -152,13 +162,24 @@ class Recognizer:
 
     def _run_batch(self, key: Hashable, jobs: Sequence[_Job]) -> list[Transcription]:
         first = jobs[0]
-        return self.models[first.model].runner.generate(
+        results = self.models[first.model].runner.generate(
             [j.samples for j in jobs],
             language=[j.language for j in jobs],
             task=first.task,
             timestamps=True,
             window_margin_s=first.window_margin_s,
+            abandoned=lambda i: jobs[i].gone.is_set(),
         )
+        abandoned_total.inc(sum(job.gone.is_set() for job in jobs))
+        return results
+
+    async def _submit(self, job: _Job, timeout_s: float | None) -> Transcription:
+        try:
+            return await self.batcher.submit(job, timeout_s)
+        finally:
+            # Cancelled or past its deadline: the batch it is in stops decoding it. (After
+            # a result, the batch is over and this changes nothing.)
+            job.gone.set()
 
     async def recognize(
         self,
@@ -177,14 +198,14 @@ class Recognizer:
         cuts = await asyncio.to_thread(split_points, samples, self.vad)
         bounds = list(zip([0, *cuts], [*cuts, len(samples)], strict=True))
         # The first piece decides the language the others are decoded in.
-        first = await self.batcher.submit(
+        first = await self._submit(
             _Job(model.name, task, samples[: bounds[0][1]], language or None, window_margin_s),
             timeout_s,
         )
         chosen = language or first.language or "en"
         rest = await asyncio.gather(
             *(
-                self.batcher.submit(
+                self._submit(
                     _Job(model.name, task, samples[a:b], chosen, window_margin_s), timeout_s
                 )
                 for a, b in bounds[1:]

@@ -5,7 +5,9 @@ speaks, an interim result of the utterance so far is sent every `interim_interva
 speech (when asked for, computed while audio keeps coming in); when they fall silent for
 the configured time, the utterance is recognized once more and sent as final. That final
 recognition starts at the first short pause, speculatively, so most of it is done by the
-time the silence is confirmed. When its words end a sentence, a shorter silence
+time the silence is confirmed; an interim still computing then gives way to it (the
+speculation is sent as the interim if speech goes on), and no interim starts during a
+pause, so interims never delay a final. When its words end a sentence, a shorter silence
 (`sentence_end_silence_s`) ends the utterance: a finished sentence is answered sooner,
 while a pause mid-sentence still waits for the full silence. An utterance longer than
 `max_utterance_s` is finalized and continues as the next one, so memory per stream stays
@@ -213,12 +215,24 @@ class StreamSession:
     def _speculate(self, end: int) -> None:
         """A pause: recognize the utterance as if it ended here, so the final result is
         (nearly) ready when the silence is confirmed."""
+        interim_pending = self.interim is not None and not self.interim[1].done()
         self._drop_speculation()
-        self.speculation = (end, self._recognize(end))
+        task = self._recognize(end)
+        self.speculation = (end, task)
+        if interim_pending:
+            # The speculation hears all the interim would, and more: it takes the interim's
+            # place (sent as one if speech goes on) instead of waiting for the CPU behind it.
+            # A caller streaming faster than real time so sees fewer interims.
+            if self.interim is not None:
+                self.interim[1].cancel()
+            self.interim = (end, task)
 
     def _drop_speculation(self) -> None:
         if self.speculation is not None:
-            self.speculation[1].cancel()
+            task = self.speculation[1]
+            task.cancel()
+            if self.interim is not None and self.interim[1] is task:
+                self.interim = None
             self.speculation = None
 
     async def _ends_sentence(self, end: int) -> bool:
@@ -236,14 +250,14 @@ class StreamSession:
     async def _finish(
         self, end: int, by: EndedBy
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
-        speculation, self.speculation = self.speculation, None
+        speculation = self.speculation
         if speculation is not None and speculation[0] == end and _usable(speculation[1]):
             task = speculation[1]
+            self.speculation = None
         else:
-            if speculation is not None:
-                speculation[1].cancel()
+            self._drop_speculation()
             task = self._recognize(end)
-        if self.interim is not None:
+        if self.interim is not None and self.interim[1] is not task:
             # Sent before the final: it was queued first, so waiting for it costs next to
             # nothing, and a caller sending faster than real time still sees interims.
             interim_end, interim = self.interim
@@ -251,6 +265,7 @@ class StreamSession:
             recognition = await interim
             if recognition.transcript:
                 yield self._result(recognition, interim_end, final=False)
+        self.interim = None
         recognition = await task
         utterance_ends.labels(by).inc()
         if recognition.transcript:
@@ -264,6 +279,8 @@ class StreamSession:
             return None
         end, task = self.interim
         self.interim = None
+        if self.speculation is not None and task is self.speculation[1] and not _succeeded(task):
+            return None  # the final is recognized afresh, as for any failed speculation
         recognition = task.result()  # its error, if any, ends the stream like a final's
         return self._result(recognition, end, final=False) if recognition.transcript else None
 
@@ -328,6 +345,7 @@ class StreamSession:
             elif (
                 self.config.interim_results
                 and self.interim is None  # one at a time: interims never queue up
+                and not self.endpointer.paused  # the speculation is the newest news then
                 and self.heard - self.last_interim >= self.interim_samples
             ):
                 # Not awaited: reading audio (and finding the end of speech) goes on while

@@ -133,6 +133,11 @@ class Endpointer:
                     if self._quiet == self.likely_end_frames:
                         yield Boundary("likely_end", silence_start)
 
+    @property
+    def paused(self) -> bool:
+        """In an utterance, quiet since its last "pause" (the speaker may be done)."""
+        return self.in_speech and self.pause_frames is not None and self._quiet >= self.pause_frames
+
     def end_utterance(self) -> None:
         """The caller ended the utterance at a "likely_end": no "end" follows it, and the
         next frame of speech is a new "start"."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -285,13 +285,16 @@ class WhisperOnnx:
         timestamps: bool = False,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         window_margin_s: float | None = None,
+        abandoned: Callable[[int], bool] | None = None,
     ) -> list[Transcription]:
         """Greedy-decode each clip (up to 30 s is used). `language=None` detects it per item.
 
         Items do not influence each other: a batch gives each clip the tokens it gets
         alone. With `window_margin_s`, short clips are encoded in a window of their length
         plus the margin (far less work than 30 s); a result that looks degenerate there
-        (Whisper's own fallback rules) is decoded again in the full window.
+        (Whisper's own fallback rules) is decoded again in the full window. Clip `i` leaves
+        the batch at the next decoding step once `abandoned(i)` is true (its caller has
+        gone), so its result is cut short and meaningless.
         """
         runtime = self._require()
         count = len(audios)
@@ -307,7 +310,9 @@ class WhisperOnnx:
         chosen = self._resolve_languages(languages, task, encoder_out)
         prompts = np.array([runtime.prompt(code, task, timestamps) for code, _ in chosen], np.int64)
         limit = min(max_new_tokens, runtime.max_positions - prompts.shape[1])
-        tokens, logprobs, no_speech = runtime.decode(prompts, encoder_out, timestamps, limit)
+        tokens, logprobs, no_speech = runtime.decode(
+            prompts, encoder_out, timestamps, limit, abandoned
+        )
         window = runtime.front.n_samples
         results = []
         for i, audio in enumerate(audios):
@@ -326,7 +331,11 @@ class WhisperOnnx:
                     segments=segments,
                 )
             )
-        redo = [i for i, result in enumerate(results) if short_window and looks_degenerate(result)]
+        redo = [
+            i
+            for i, result in enumerate(results)
+            if short_window and looks_degenerate(result) and not (abandoned and abandoned(i))
+        ]
         if redo:
             again = self.generate(
                 [audios[i] for i in redo],
@@ -334,6 +343,7 @@ class WhisperOnnx:
                 task=task,
                 timestamps=timestamps,
                 max_new_tokens=max_new_tokens,
+                abandoned=None if abandoned is None else lambda j: abandoned(redo[j]),
             )
             for i, result in zip(redo, again, strict=True):
                 results[i] = result
@@ -500,9 +510,14 @@ class _Runtime:
         return prompt
 
     def decode(
-        self, prompts: np.ndarray, encoder_out: np.ndarray, timestamps: bool, limit: int
+        self,
+        prompts: np.ndarray,
+        encoder_out: np.ndarray,
+        timestamps: bool,
+        limit: int,
+        abandoned: Callable[[int], bool] | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[float]]:
-        """Greedy decoding with the KV cache; finished items leave the batch.
+        """Greedy decoding with the KV cache; finished and abandoned items leave the batch.
 
         Returns per item the tokens (without the end token), the log probability of each
         choice (the end token's included) and the no-speech probability.
@@ -525,7 +540,8 @@ class _Runtime:
                 logprobs[item].append(float(chosen_logprobs[row]))
                 if chosen[row] != self.ids.eot:
                     tokens[item].append(int(chosen[row]))
-                    still.append(row)
+                    if not (abandoned and abandoned(int(item))):
+                        still.append(row)
             if not still or step == limit - 1:
                 break
             if len(still) < len(active):

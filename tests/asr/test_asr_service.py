@@ -111,6 +111,25 @@ async def test_concurrent_callers_get_their_own_results(
     assert [r.transcript for r in together] == alone
 
 
+async def test_a_caller_gone_mid_batch_stops_its_decoding(
+    mesh: Mesh, asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
+) -> None:
+    def abandoned() -> float:
+        return mesh["asr"].metric("speechmesh_asr_abandoned_in_batch_total")
+
+    before = abandoned()
+    # 44 s of speech decode for seconds; the deadline passes while a batch decodes it.
+    request = asr_pb2.RecognizeRequest(audio=audio(clips["two_cities"][RATE:]), language="en")
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asr.Recognize(request, timeout=0.8)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if abandoned() > before:
+            break
+        await asyncio.sleep(0.05)
+    assert abandoned() == before + 1
+
+
 async def test_repeated_audio_comes_from_the_cache(
     mesh: Mesh, asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
 ) -> None:
@@ -131,7 +150,10 @@ def _pcm(samples: np.ndarray) -> bytes:
 
 
 async def _stream(
-    asr: asr_pb2_grpc.AsrServiceStub, samples: np.ndarray, **config: object
+    asr: asr_pb2_grpc.AsrServiceStub,
+    samples: np.ndarray,
+    real_time: bool = False,
+    **config: object,
 ) -> list[asr_pb2.StreamingRecognizeResponse]:
     async def requests() -> AsyncIterator[asr_pb2.StreamingRecognizeRequest]:
         yield asr_pb2.StreamingRecognizeRequest(
@@ -141,6 +163,8 @@ async def _stream(
         )
         pcm = _pcm(samples)
         for start in range(0, len(pcm), 3_200):  # 100 ms chunks
+            if real_time:
+                await asyncio.sleep(0.1)
             yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[start : start + 3_200])
 
     return [r async for r in asr.StreamingRecognize(requests())]
@@ -149,11 +173,14 @@ async def _stream(
 async def test_streaming_gives_interim_then_final_matching_unary(
     asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
 ) -> None:
+    """Live audio: an interim still computing at a pause gives way to the final's
+    speculation, so a caller streaming much faster than real time may see none."""
     silence = np.zeros(RATE, np.float32)
     speech = clips["en1"]
     responses = await _stream(
         asr,
         np.concatenate([silence, speech, silence, clips["en2"], silence]),
+        real_time=True,
         language="en",
         interim_results=True,
     )
@@ -177,11 +204,13 @@ async def test_single_utterance_ends_the_stream(
     responses = await _stream(
         asr,
         np.concatenate([silence, clips["en0"], silence, clips["en1"], silence]),
+        real_time=interim,  # live audio gets its interims (see the test above)
         language="en",
         single_utterance=True,
         interim_results=interim,
     )
     assert [r.result.is_final for r in responses if r.result.is_final] == [True]
+    assert any(r.HasField("result") and not r.result.is_final for r in responses) == interim
     assert responses[-2].result.is_final
     assert responses[-1].speech_event == asr_pb2.SPEECH_EVENT_END_OF_SINGLE_UTTERANCE
 

@@ -181,6 +181,25 @@ def test_onnx_int8_word_error_rate(
 
 
 @pytest.mark.models
+def test_an_abandoned_clip_leaves_its_batch_and_the_others_are_untouched(
+    runners: dict[tuple[str, str], WhisperOnnx], clips: dict[str, np.ndarray]
+) -> None:
+    runner = runners["whisper-base", "onnx-int8"]
+    alone = runner.generate([clips["en1"]], language="en", timestamps=True)
+    asked: list[int] = []
+
+    def abandoned(item: int) -> bool:
+        asked.append(item)
+        return item == 1
+
+    kept, dropped = runner.generate(
+        [clips["en1"], clips["en2"]], language="en", timestamps=True, abandoned=abandoned
+    )
+    assert kept.tokens == alone[0].tokens
+    assert len(dropped.tokens) == 1 and asked.count(1) == 1  # gone after its first token
+
+
+@pytest.mark.models
 @pytest.mark.parametrize("name", MODELS)
 def test_any_length_encoder_is_the_encoder_on_a_full_window(
     name: str, runners: dict[tuple[str, str], WhisperOnnx], clips: dict[str, np.ndarray]

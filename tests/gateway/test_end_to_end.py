@@ -146,6 +146,7 @@ async def _stream_translation(
         )
         pcm = (samples * 32767).astype("<i2").tobytes()
         for start in range(0, len(pcm), 3_200):
+            await asyncio.sleep(0.1)  # live audio, as interims are for
             yield gateway_pb2.StreamingTranslateSpeechRequest(
                 audio_content=pcm[start : start + 3_200]
             )
