@@ -70,7 +70,6 @@ import numpy as np
 import psutil
 
 from bench.stats import LoadResult
-from services.asr.build_models import package_folder
 from services.asr.recognizer import split_points
 from services.asr.settings import AsrSettings
 from services.asr.vad import SileroVad
@@ -78,7 +77,7 @@ from services.asr.whisper_onnx import FrontEnd, log_mel_spectrogram, mel_filter_
 from services.common.proto_time import duration
 from services.common.settings import model_cache_dir
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
-from tests.speech import BECKETT, TWO_CITIES, resampled, spoken, wav_bytes
+from tests.speech import ASSETS, BECKETT, TWO_CITIES, resampled, spoken, wav_bytes
 from tools.mesh import Mesh
 
 RATE = 16_000
@@ -159,9 +158,8 @@ def make_clips(folder: Path) -> dict[str, Clip]:
     for index, text in enumerate(SENTENCES):
         samples = _trimmed(spoken(folder, f"s{index}", text))
         clips[f"espeak{index}"] = Clip(f"espeak{index}", samples, text)
-    assets = package_folder("moonshine_voice") / "assets"
     for name, text in (("beckett", BECKETT), ("two_cities", TWO_CITIES)):
-        clips[name] = Clip(name, resampled(assets / f"{name}.wav", folder / f"{name}.wav"), text)
+        clips[name] = Clip(name, resampled(ASSETS / f"{name}.wav", folder / f"{name}.wav"), text)
     vad = SileroVad(model_cache_dir() / "asr" / "silero_vad.onnx")
     for clip in clips.values():
         cuts = split_points(clip.samples, vad)

@@ -58,7 +58,6 @@ from tests.speech import ENGLISH, spoken, wav_bytes
 from tools.mesh import Mesh
 
 ADMIN = (("x-api-key", "dev-admin-key"),)
-RATE = 16_000
 CONCURRENCY = 16
 TRANSLATE_TEXT = "/speechmesh.gateway.v1.SpeechTranslationService/TranslateText"
 MT_TRANSLATE = "/speechmesh.mt.v1.MtService/Translate"

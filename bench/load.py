@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import io
 import itertools
 import os
 import platform
@@ -49,14 +48,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import psutil
-import soundfile
 
 from bench.bench_mt import sentences
 from bench.stats import LoadResult
 from speechmesh.asr.v1 import asr_pb2
 from speechmesh.auth.v1 import auth_pb2
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.speech import ENGLISH, spoken
+from tests.speech import ENGLISH, spoken, wav_bytes
 from tools.mesh import Mesh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +82,6 @@ def mesh_env(cache: bool) -> dict[str, str]:
 def spoken_pcm(folder: Path) -> np.ndarray:
     """The test sentence, spoken by espeak-ng, as 16 kHz mono int16."""
     return np.round(spoken(folder, "spoken", ENGLISH[0]) * 32768).astype(np.int16)
-
-
-def wav_bytes(pcm: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, pcm, RATE, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 # --- calls -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Test speech shared by the asr tests: espeak-ng sentences made per session, and the two
-human recordings moonshine-voice ships, all as 16 kHz mono float32."""
+"""Test speech shared by the tests and benchmarks: espeak-ng sentences made per session,
+and the two human recordings moonshine-voice ships, all as 16 kHz mono float32."""
 
 from __future__ import annotations
 

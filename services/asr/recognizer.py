@@ -162,15 +162,23 @@ class Recognizer:
 
     def _run_batch(self, key: Hashable, jobs: Sequence[_Job]) -> list[Transcription]:
         first = jobs[0]
+        stopped: set[int] = set()
+
+        def abandoned(item: int) -> bool:
+            # Asked only of items still decoding (or about to be decoded again).
+            if jobs[item].gone.is_set():
+                stopped.add(item)
+            return item in stopped
+
         results = self.models[first.model].runner.generate(
             [j.samples for j in jobs],
             language=[j.language for j in jobs],
             task=first.task,
             timestamps=True,
             window_margin_s=first.window_margin_s,
-            abandoned=lambda i: jobs[i].gone.is_set(),
+            abandoned=abandoned,
         )
-        abandoned_total.inc(sum(job.gone.is_set() for job in jobs))
+        abandoned_total.inc(len(stopped))
         return results
 
     async def _submit(self, job: _Job, timeout_s: float | None) -> Transcription:
@@ -203,14 +211,19 @@ class Recognizer:
             timeout_s,
         )
         chosen = language or first.language or "en"
-        rest = await asyncio.gather(
-            *(
+        pieces = [
+            asyncio.ensure_future(
                 self._submit(
                     _Job(model.name, task, samples[a:b], chosen, window_margin_s), timeout_s
                 )
-                for a, b in bounds[1:]
             )
-        )
+            for a, b in bounds[1:]
+        ]
+        try:
+            rest = await asyncio.gather(*pieces)
+        finally:
+            for pending in pieces:  # one failed: the others' work is for nothing
+                pending.cancel()
         segments = []
         for (start, end), piece in zip(bounds, [first, *rest], strict=True):
             at = offset_s + start / RATE

@@ -150,6 +150,7 @@ class StreamSession:
         self.recent_start = 0
         self.last_interim = 0
         # (end sample, task): a final computed early, at a pause, and an interim in progress
+        # (the same task when the speculation stands in for an interim it replaced)
         self.speculation: tuple[int, asyncio.Task[Recognition]] | None = None
         self.interim: tuple[int, asyncio.Task[Recognition]] | None = None
 
@@ -230,9 +231,9 @@ class StreamSession:
     def _drop_speculation(self) -> None:
         if self.speculation is not None:
             task = self.speculation[1]
-            task.cancel()
-            if self.interim is not None and self.interim[1] is task:
-                self.interim = None
+            task.cancel()  # nothing, if it is done
+            if self.interim is not None and self.interim[1] is task and not _succeeded(task):
+                self.interim = None  # a finished stand-in is still sent as the interim
             self.speculation = None
 
     async def _ends_sentence(self, end: int) -> bool:
@@ -257,16 +258,19 @@ class StreamSession:
         else:
             self._drop_speculation()
             task = self._recognize(end)
-        if self.interim is not None and self.interim[1] is not task:
-            # Sent before the final: it was queued first, so waiting for it costs next to
-            # nothing, and a caller sending faster than real time still sees interims.
-            interim_end, interim = self.interim
+        try:
+            if self.interim is not None and self.interim[1] is not task:
+                # Sent before the final: it was queued first (a pause would have replaced
+                # it, so this is a half-close or the length limit), and is mostly done.
+                interim_end, interim = self.interim
+                self.interim = None
+                recognition = await interim
+                if recognition.transcript:
+                    yield self._result(recognition, interim_end, final=False)
             self.interim = None
-            recognition = await interim
-            if recognition.transcript:
-                yield self._result(recognition, interim_end, final=False)
-        self.interim = None
-        recognition = await task
+            recognition = await task
+        finally:
+            task.cancel()  # the stream ended meanwhile: stop its decoding (nothing if done)
         utterance_ends.labels(by).inc()
         if recognition.transcript:
             yield self._result(recognition, end, final=True)
@@ -278,8 +282,11 @@ class StreamSession:
         if self.interim is None or not self.interim[1].done():
             return None
         end, task = self.interim
+        standing_in = self.speculation is not None and task is self.speculation[1]
+        if standing_in and self.endpointer.paused:
+            return None  # still quiet: this may be the final, which is sent as such
         self.interim = None
-        if self.speculation is not None and task is self.speculation[1] and not _succeeded(task):
+        if standing_in and not _succeeded(task):
             return None  # the final is recognized afresh, as for any failed speculation
         recognition = task.result()  # its error, if any, ends the stream like a final's
         return self._result(recognition, end, final=False) if recognition.transcript else None

@@ -118,10 +118,13 @@ async def test_a_caller_gone_mid_batch_stops_its_decoding(
         return mesh["asr"].metric("speechmesh_asr_abandoned_in_batch_total")
 
     before = abandoned()
-    # 44 s of speech decode for seconds; the deadline passes while a batch decodes it.
-    request = asr_pb2.RecognizeRequest(audio=audio(clips["two_cities"][RATE:]), language="en")
+    # 29 s of speech (one window: no pass of the voice detector first) decode for over a
+    # second; the deadline passes while their batch runs.
+    request = asr_pb2.RecognizeRequest(
+        audio=audio(clips["two_cities"][RATE : 30 * RATE]), language="en"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await asr.Recognize(request, timeout=0.8)
+        await asr.Recognize(request, timeout=0.5)
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(100):
         if abandoned() > before:
@@ -189,6 +192,10 @@ async def test_streaming_gives_interim_then_final_matching_unary(
     assert len(finals) == 2 and [f.utterance_index for f in finals] == [0, 1]
     interims = [r for r in results if not r.is_final]
     assert interims and results.index(interims[0]) < results.index(finals[0])
+    # The speculation a final came from was not sent as an interim just before it.
+    assert not {i.end_offset.ToNanoseconds() for i in interims} & {
+        f.end_offset.ToNanoseconds() for f in finals
+    }
     unary = await asr.Recognize(asr_pb2.RecognizeRequest(audio=audio(speech), language="en"))
     assert word_error_rate([unary.transcript], [finals[0].transcript]) < 0.1, (unary, finals[0])
     start = finals[0].start_offset.ToTimedelta().total_seconds()
