@@ -351,8 +351,10 @@ async def run_fault(
     """Baseline, fault, hold, undo the fault (and wait for the service), steady recovery."""
     await asyncio.sleep(1.0)
     assert all(c.ok for c in load.calls), f"unhealthy before the fault: {load.summary()}"
-    injected = time.monotonic()
     await asyncio.to_thread(inject)
+    # Taken once the fault is in: a service answered calls until then (a verdict asked in
+    # the thread hop before a SIGSTOP leased calls past injected + LEASE_S, failing a check).
+    injected = time.monotonic()
     await asyncio.sleep(hold_s)
     restored = time.monotonic()
     await asyncio.to_thread(restore)
@@ -775,7 +777,9 @@ async def test_auth_frozen_past_the_callers_deadline(
             load,
             inject=lambda: os.kill(pid, signal.SIGSTOP),
             restore=lambda: os.kill(pid, signal.SIGCONT),
-            hold_s=4.0,
+            # A caller's first call after the leases end may start up to one deadline later
+            # and must end before the restore to be judged: 1 + 1.5 + 1.5 s, with room.
+            hold_s=5.0,
             affected=("text",),
         )
         await breakers.closes("auth")
