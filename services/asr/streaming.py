@@ -7,7 +7,8 @@ the configured time, the utterance is recognized once more and sent as final. Th
 recognition starts at the first short pause, speculatively, so most of it is done by the
 time the silence is confirmed; an interim still computing then gives way to it (the
 speculation is sent as the interim if speech goes on), and no interim starts during a
-pause, so interims never delay a final. When its words end a sentence, a shorter silence
+pause, so interims never delay a final. When speech resumes, the speculation is dropped
+(queued, it never runs; running, its decoding stops). When its words end a sentence, a shorter silence
 (`sentence_end_silence_s`) ends the utterance: a finished sentence is answered sooner,
 while a pause mid-sentence still waits for the full silence. An utterance longer than
 `max_utterance_s` is finalized and continues as the next one, so memory per stream stays
@@ -228,6 +229,15 @@ class StreamSession:
                 self.interim[1].cancel()
             self.interim = (end, task)
 
+    def _speech_resumed(self) -> None:
+        """The pause was no end: its speculation is no final, and its work (which would
+        run on until the next pause replaced it) is for nothing, unless it stands in for an
+        interim, which is sent when it is done."""
+        if self.speculation is not None and (
+            self.interim is None or self.interim[1] is not self.speculation[1]
+        ):
+            self._drop_speculation()
+
     def _drop_speculation(self) -> None:
         if self.speculation is not None:
             task = self.speculation[1]
@@ -318,6 +328,9 @@ class StreamSession:
                     continue
                 if boundary.kind == "pause":
                     self._speculate(boundary.sample)
+                    continue
+                if boundary.kind == "resume":
+                    self._speech_resumed()
                     continue
                 by: EndedBy
                 if boundary.kind == "likely_end" and await self._ends_sentence(boundary.sample):

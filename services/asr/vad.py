@@ -66,9 +66,9 @@ class VadState:
 
 @dataclass
 class Boundary:
-    # "start"; "pause" (speech may have ended here); "likely_end" (it has, if the words
-    # say so); "end" (it has)
-    kind: Literal["start", "pause", "likely_end", "end"]
+    # "start"; "pause" (speech may have ended here); "resume" (it had not: speech again
+    # after a pause); "likely_end" (it has, if the words say so); "end" (it has)
+    kind: Literal["start", "pause", "resume", "likely_end", "end"]
     sample: int  # position in the stream, in 16 kHz samples
 
 
@@ -121,7 +121,12 @@ class Endpointer:
                 self._quiet = 0
                 yield Boundary("start", position)
             elif self.in_speech:
-                self._quiet = self._quiet + 1 if prob < self.off else 0
+                if prob >= self.off:
+                    resumed, self._quiet = self.paused, 0
+                    if resumed:
+                        yield Boundary("resume", position)
+                    continue
+                self._quiet += 1
                 # Where the silence began: the same sample for its pause, likely end and end.
                 silence_start = position + FRAME - self._quiet * FRAME
                 if self._quiet >= self.silence_frames:

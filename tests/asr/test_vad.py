@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 from importlib import resources
@@ -47,6 +48,11 @@ def test_two_utterances_are_found_whatever_the_chunking(vad: SileroVad, tmp_path
                     ("pause", boundary.sample),
                     ("likely_end", boundary.sample),
                 ], (chunk, found)
+        # Speech after a pause resumes the utterance: the pause before it ended nothing.
+        quiet = [b.kind for b in found if b.kind in ("pause", "resume", "end")]
+        assert "resume" in quiet, (chunk, found)  # after the comma
+        for before, after in itertools.pairwise(quiet):
+            assert (before == "pause") == (after in ("resume", "end")), (chunk, quiet)
         found = [b for b in found if b.kind in ("start", "end")]
         kinds = [b.kind for b in found]
         assert kinds == ["start", "end", "start", "end"], (chunk, found)
@@ -71,7 +77,7 @@ def test_an_utterance_ended_at_a_likely_end_is_over(vad: SileroVad, tmp_path: Pa
                 found.append(boundary)
                 if boundary.kind == "likely_end":
                     endpointer.end_utterance()
-        kinds = [b.kind for b in found if b.kind != "pause"]
+        kinds = [b.kind for b in found if b.kind not in ("pause", "resume")]
         assert kinds == ["start", "likely_end", "start", "likely_end"], (chunk, found)
         second_start = [b.sample for b in found if b.kind == "start"][1] / 16_000
         assert abs(second_start - (2 * len(gap) + len(words)) / 16_000) < 0.3
