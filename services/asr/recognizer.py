@@ -29,8 +29,8 @@ MIN_PIECE = 15 * RATE
 
 abandoned_total = Counter(
     "speechmesh_asr_abandoned_in_batch_total",
-    "Recognitions whose caller went away (cancelled, deadline passed) while their batch ran; "
-    "their decoding stopped at the next step.",
+    "Recognitions cancelled while their batch ran (the caller gone or past its deadline, or "
+    "a stream's speculation or interim superseded); their decoding stopped at the next step.",
 )
 
 
@@ -205,27 +205,29 @@ class Recognizer:
         self.check(model, language, task)
         cuts = await asyncio.to_thread(split_points, samples, self.vad)
         bounds = list(zip([0, *cuts], [*cuts, len(samples)], strict=True))
-        # The first piece decides the language the others are decoded in.
-        first = await self._submit(
-            _Job(model.name, task, samples[: bounds[0][1]], language or None, window_margin_s),
-            timeout_s,
-        )
-        chosen = language or first.language or "en"
-        pieces = [
-            asyncio.ensure_future(
-                self._submit(
-                    _Job(model.name, task, samples[a:b], chosen, window_margin_s), timeout_s
-                )
+        pieces = [samples[a:b] for a, b in bounds]
+        detected = None
+        if not language:
+            # The first piece decides the language the others are decoded in; with the
+            # language given, all pieces go at once and share a batch.
+            detected = await self._submit(
+                _Job(model.name, task, pieces[0], None, window_margin_s), timeout_s
             )
-            for a, b in bounds[1:]
+        chosen = language or (detected and detected.language) or "en"
+        pending = [
+            asyncio.ensure_future(
+                self._submit(_Job(model.name, task, piece, chosen, window_margin_s), timeout_s)
+            )
+            for piece in (pieces if detected is None else pieces[1:])
         ]
         try:
-            rest = await asyncio.gather(*pieces)
+            decoded = await asyncio.gather(*pending)
         finally:
-            for pending in pieces:  # one failed: the others' work is for nothing
-                pending.cancel()
+            for job in pending:  # one failed: the others' work is for nothing
+                job.cancel()
+        results = decoded if detected is None else [detected, *decoded]
         segments = []
-        for (start, end), piece in zip(bounds, [first, *rest], strict=True):
+        for (start, end), piece in zip(bounds, results, strict=True):
             at = offset_s + start / RATE
             piece_segments = piece.segments or (
                 [Segment(0.0, (end - start) / RATE, piece.text)] if piece.text.strip() else []
@@ -244,7 +246,7 @@ class Recognizer:
         return Recognition(
             transcript=" ".join(s.text for s in segments if s.text),
             language=chosen,
-            language_probability=1.0 if language else float(first.language_probability or 0.0),
+            language_probability=float(detected.language_probability or 0.0) if detected else 1.0,
             segments=segments,
             duration_s=len(samples) / RATE,
             model=model.name,

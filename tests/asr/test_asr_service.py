@@ -90,6 +90,23 @@ async def test_long_audio_is_windowed_not_truncated(
     assert starts == sorted(starts)
 
 
+async def test_long_audio_in_a_given_language_is_decoded_in_one_batch(
+    mesh: Mesh, asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
+) -> None:
+    def batches() -> tuple[float, float]:
+        return tuple(  # type: ignore[return-value]
+            mesh["asr"].metric(f'speechmesh_batch_size_{part}{{batcher="asr"}}')
+            for part in ("count", "sum")
+        )
+
+    before = batches()
+    request = asr_pb2.RecognizeRequest(audio=audio(clips["two_cities"][: 40 * RATE]), language="en")
+    result = await asr.Recognize(request)
+    assert result.segments[-1].end_offset.ToTimedelta().total_seconds() > 30
+    after = batches()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)  # its two pieces, together
+
+
 async def test_concurrent_callers_get_their_own_results(
     asr: asr_pb2_grpc.AsrServiceStub, clips: dict[str, np.ndarray]
 ) -> None:
