@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -136,8 +137,11 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
             timeout_s=remaining_time(context),
             window_margin_s=self.settings.stream_window_margin_s or None,
         )
-        async for response in session.run(chunks()):
-            yield response
+        # aclosing: a stream that ends early stops its session's work now, not when the
+        # generators are collected.
+        async with aclosing(session.run(chunks())) as responses:
+            async for response in responses:
+                yield response
 
     async def ListModels(
         self, request: asr_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

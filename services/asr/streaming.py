@@ -8,17 +8,18 @@ recognition starts at the first short pause, speculatively, so most of it is don
 time the silence is confirmed; an interim still computing then gives way to it (the
 speculation is sent as the interim if speech goes on), and no interim starts during a
 pause, so interims never delay a final. When speech resumes, the speculation is dropped
-(queued, it never runs; running, its decoding stops). When its words end a sentence, a shorter silence
-(`sentence_end_silence_s`) ends the utterance: a finished sentence is answered sooner,
-while a pause mid-sentence still waits for the full silence. An utterance longer than
-`max_utterance_s` is finalized and continues as the next one, so memory per stream stays
-bounded.
+(queued, it never runs; running, its decoding stops) unless it stands in for an interim.
+When its words end a sentence, a shorter silence (`sentence_end_silence_s`) ends the
+utterance: a finished sentence is answered sooner, while a pause mid-sentence still waits
+for the full silence. An utterance longer than `max_utterance_s` is finalized and
+continues as the next one, so memory per stream stays bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -260,7 +261,7 @@ class StreamSession:
 
     async def _finish(
         self, end: int, by: EndedBy
-    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+    ) -> AsyncGenerator[asr_pb2.StreamingRecognizeResponse, None]:
         speculation = self.speculation
         if speculation is not None and speculation[0] == end and _usable(speculation[1]):
             task = speculation[1]
@@ -303,10 +304,11 @@ class StreamSession:
 
     async def run(
         self, chunks: AsyncIterator[bytes]
-    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+    ) -> AsyncGenerator[asr_pb2.StreamingRecognizeResponse, None]:
         try:
-            async for response in self._run(chunks):
-                yield response
+            async with aclosing(self._run(chunks)) as responses:
+                async for response in responses:
+                    yield response
         finally:
             self._drop_speculation()
             if self.interim is not None:
@@ -314,7 +316,7 @@ class StreamSession:
 
     async def _run(
         self, chunks: AsyncIterator[bytes]
-    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+    ) -> AsyncGenerator[asr_pb2.StreamingRecognizeResponse, None]:
         preroll = int(PREROLL_S * RATE)
         async for chunk in chunks:
             samples = self._to_model_rate(chunk, final=False)
@@ -341,9 +343,10 @@ class StreamSession:
                 else:
                     continue
                 said = False
-                async for response in self._finish(boundary.sample, by):
-                    yield response
-                    said = said or response.result.is_final
+                async with aclosing(self._finish(boundary.sample, by)) as finished:
+                    async for response in finished:
+                        yield response
+                        said = said or response.result.is_final
                 if said and self.config.single_utterance:
                     # After the final, not the interim sent before it.
                     yield asr_pb2.StreamingRecognizeResponse(
@@ -358,8 +361,9 @@ class StreamSession:
                 continue
             if self.heard - self.utterance_start >= self.max_samples:
                 self._drop_speculation()
-                async for response in self._finish(self.heard, "max_length"):
-                    yield response
+                async with aclosing(self._finish(self.heard, "max_length")) as finished:
+                    async for response in finished:
+                        yield response
                 self.utterance_start = self.heard
                 self.last_interim = self.heard
             elif (
@@ -378,5 +382,6 @@ class StreamSession:
             self.recent = np.concatenate([self.recent, tail])
             self.heard += len(tail)
         if self.utterance_start is not None:
-            async for response in self._finish(self.heard, "half_close"):
-                yield response
+            async with aclosing(self._finish(self.heard, "half_close")) as finished:
+                async for response in finished:
+                    yield response

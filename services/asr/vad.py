@@ -30,7 +30,8 @@ FRAME_S = FRAME / RATE
 # ends of espeak-ng speech and 21 per 8 in a human recording (14 and 19 at two frames,
 # whose finals came 30-40 ms later: p50 509-534 ms against 470-493 ms in two runs of
 # bench-asr's latency part). A stream has at most one speculation: the next pause cancels
-# the last (at no cost while it is still queued); one that speech overtook runs on.
+# the last, and speech resuming drops it (at no cost while it is still queued; running, its
+# decoding stops at the next step).
 PAUSE_S = FRAME_S
 
 
