@@ -207,9 +207,9 @@ class Recognizer:
         bounds = list(zip([0, *cuts], [*cuts, len(samples)], strict=True))
         pieces = [samples[a:b] for a, b in bounds]
         detected = None
-        if not language:
+        if not language and model.multilingual:
             # The first piece decides the language the others are decoded in; with the
-            # language given, all pieces go at once and share a batch.
+            # language given (or only one known), all pieces go at once and share a batch.
             detected = await self._submit(
                 _Job(model.name, task, pieces[0], None, window_margin_s), timeout_s
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import grpc
@@ -123,7 +123,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         # refusal (the gateway waits for this).
         await context.send_initial_metadata(())
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncGenerator[bytes, None]:
             async for request in request_iterator:
                 if request.WhichOneof("streaming_request") != "audio_content":
                     raise InvalidArgument.field("config", "only the first message may carry config")
@@ -139,7 +139,7 @@ class AsrServicer(asr_pb2_grpc.AsrServiceServicer):
         )
         # aclosing: a stream that ends early stops its session's work now, not when the
         # generators are collected.
-        async with aclosing(session.run(chunks())) as responses:
+        async with aclosing(chunks()) as audio, aclosing(session.run(audio)) as responses:
             async for response in responses:
                 yield response
 
