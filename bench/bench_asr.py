@@ -77,10 +77,10 @@ from services.asr.whisper_onnx import FrontEnd, log_mel_spectrogram, mel_filter_
 from services.common.proto_time import duration
 from services.common.settings import model_cache_dir
 from speechmesh.asr.v1 import asr_pb2, asr_pb2_grpc
-from tests.speech import ASSETS, BECKETT, TWO_CITIES, resampled, spoken, wav_bytes
+from tests.asr.wer import word_error_rate
+from tests.speech import ASSETS, BECKETT, RATE, TWO_CITIES, resampled, spoken, wav_bytes
 from tools.mesh import Mesh
 
-RATE = 16_000
 CHUNK = RATE // 10  # 100 ms
 THREADS = 2  # the asr service's default SPEECHMESH_ASR_THREADS, given to every system
 MODELS = ("whisper-tiny.en", "whisper-base")
@@ -169,18 +169,7 @@ def make_clips(folder: Path) -> dict[str, Clip]:
 
 
 def wer(reference: str, hypothesis: str) -> float:
-    import re
-
-    def words(text: str) -> list[str]:
-        return re.sub(r"[^\w' ]+", " ", text.lower()).split()
-
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1] / max(len(ref), 1)
+    return word_error_rate([reference], [hypothesis])
 
 
 # --------------------------------------------------------------------------- peers

@@ -54,13 +54,12 @@ from bench.stats import LoadResult
 from speechmesh.asr.v1 import asr_pb2
 from speechmesh.auth.v1 import auth_pb2
 from speechmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.speech import ENGLISH, spoken, wav_bytes
+from tests.speech import ENGLISH, RATE, spoken, wav_bytes
 from tools.mesh import Mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ADMIN = (("x-api-key", "dev-admin-key"),)
-RATE = 16_000
 CHUNK_BYTES = 3_200  # 100 ms of 16 kHz LINEAR16
 SERVICES = ("auth", "asr", "mt", "gateway")
 RPCS = ("text", "speech", "stream")

@@ -230,20 +230,25 @@ class StreamSession:
                 self.interim[1].cancel()
             self.interim = (end, task)
 
+    def _interim_is_speculation(self) -> bool:
+        return (
+            self.speculation is not None
+            and self.interim is not None
+            and self.interim[1] is self.speculation[1]
+        )
+
     def _speech_resumed(self) -> None:
         """The pause was no end: its speculation is no final, and its work (which would
         run on until the next pause replaced it) is for nothing, unless it stands in for an
         interim, which is sent when it is done."""
-        if self.speculation is not None and (
-            self.interim is None or self.interim[1] is not self.speculation[1]
-        ):
+        if not self._interim_is_speculation():
             self._drop_speculation()
 
     def _drop_speculation(self) -> None:
         if self.speculation is not None:
             task = self.speculation[1]
             task.cancel()  # nothing, if it is done
-            if self.interim is not None and self.interim[1] is task and not _succeeded(task):
+            if self._interim_is_speculation() and not _succeeded(task):
                 self.interim = None  # a finished stand-in is still sent as the interim
             self.speculation = None
 
@@ -274,7 +279,6 @@ class StreamSession:
                 # Sent before the final: it was queued first (a pause would have replaced
                 # it, so this is a half-close or the length limit), and is mostly done.
                 interim_end, interim = self.interim
-                self.interim = None
                 recognition = await interim
                 if recognition.transcript:
                     yield self._result(recognition, interim_end, final=False)
@@ -293,7 +297,7 @@ class StreamSession:
         if self.interim is None or not self.interim[1].done():
             return None
         end, task = self.interim
-        standing_in = self.speculation is not None and task is self.speculation[1]
+        standing_in = self._interim_is_speculation()
         if standing_in and self.endpointer.paused:
             return None  # still quiet: this may be the final, which is sent as such
         self.interim = None
